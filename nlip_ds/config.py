@@ -1,0 +1,378 @@
+"""One typed config tree for a run: nested dataclasses, loaded from YAML, with `section.key=value` overrides.
+
+Every field carries its documentation and its allowed range in `metadata`; `validate()` checks them all and
+names the full dotted key, the bad value and what is allowed. Nothing else in nlip-ds parses config files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that is refused before any work starts."""
+
+
+def opt(default, doc: str, *, choices=None, lo=None, hi=None, factory=False):
+    """A config field: its default, one line of documentation and its allowed values or range."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi}
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class VisionConfig:
+    name: str = opt("vit_custom", "timm model name (e.g. vit_base_patch32_224), or vit_custom to build a "
+                    "timm VisionTransformer from the fields below")
+    image_size: int = opt(32, "input resolution in pixels", lo=8, hi=1024)
+    patch_size: int = opt(8, "patch size in pixels (image_size must be a multiple)", lo=1, hi=64)
+    width: int = opt(64, "transformer width", lo=8)
+    depth: int = opt(2, "number of transformer blocks", lo=1)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1)
+    mlp_ratio: float = opt(4.0, "MLP hidden size over width", lo=0.5, hi=16.0)
+    mask_ratio: float = opt(0.0, "fraction of patches dropped before the blocks in training (0 disables)",
+                            lo=0.0, hi=0.95)
+    pretrained_path: Optional[str] = opt(None, "local timm weights (.safetensors or .pth, loaded weights-only)")
+
+
+@dataclass
+class TextConfig:
+    width: int = opt(64, "transformer width", lo=8)
+    depth: int = opt(2, "number of transformer layers", lo=1)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1)
+    context_length: int = opt(32, "maximum tokens of `[concepts] <sep> caption`", lo=4, hi=1024)
+    concept_dropout: float = opt(0.5, "probability of dropping the whole concept prefix in training",
+                                 lo=0.0, hi=1.0)
+
+
+@dataclass
+class DecoderConfig:
+    width: int = opt(64, "transformer width", lo=8)
+    depth: int = opt(2, "number of decoder layers", lo=1)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1)
+    max_length: int = opt(32, "maximum caption tokens", lo=4, hi=1024)
+    label_smoothing: float = opt(0.1, "label smoothing of the caption cross-entropy", lo=0.0, hi=0.5)
+    loss_weight: float = opt(1.0, "alpha: weight of the caption loss L_LM in the total", lo=0.0)
+
+
+@dataclass
+class MAEConfig:
+    enabled: bool = opt(False, "train the MAE decoder V_d (needs model.vision.mask_ratio > 0)")
+    width: int = opt(64, "decoder width", lo=8)
+    depth: int = opt(1, "decoder blocks", lo=1)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1)
+    loss_weight: float = opt(1.0, "beta: weight of the reconstruction loss L_IR in the total", lo=0.0)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = opt(VisionConfig, "image encoder V_e", factory=True)
+    text: TextConfig = opt(TextConfig, "text encoder T_e", factory=True)
+    decoder: DecoderConfig = opt(DecoderConfig, "concept-conditioned caption decoder C_d", factory=True)
+    mae: MAEConfig = opt(MAEConfig, "masked-patch decoder V_d", factory=True)
+    embed_dim: int = opt(64, "shared embedding size of the projections", lo=8)
+    logit_scale_init: float = opt(1 / 0.07, "initial logit scale 1/tau", lo=1.0, hi=100.0)
+    logit_scale_max: float = opt(100.0, "clamp of the logit scale", lo=1.0)
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = opt(None, "training shards (brace pattern; several sources as 'a::b' are "
+                               "concatenated, weights in data.train_weights)")
+    train_weights: Optional[list] = opt(None, "sampling weight per '::' source (resampled mode only)")
+    val: Optional[str] = opt(None, "validation shards")
+    test: Optional[str] = opt(None, "test shards (clean, for evaluation)")
+    tokenizer: Optional[str] = opt(None, "tokenizer folder; trained on the training captions when missing")
+    vocab_size: int = opt(1024, "vocabulary size when a tokenizer is trained", lo=64, hi=1_000_000)
+    resampled: bool = opt(False, "sample shards with replacement (huge datasets) instead of exact epochs")
+    samples_per_epoch: Optional[int] = opt(None, "epoch length in samples in resampled mode", lo=1)
+    workers: int = opt(1, "loader worker processes per rank", lo=0, hi=64)
+    shuffle_buffer: int = opt(1000, "samples in the in-memory shuffle buffer", lo=0)
+    crop_scale_min: float = opt(0.5, "RandomResizedCrop lower scale bound in training", lo=0.05, hi=1.0)
+    max_image_pixels: int = opt(50_000_000, "images with more pixels are skipped (decompression bombs)",
+                                lo=1024)
+    max_skip_rate: float = opt(0.2, "stop the run when more than this share of samples is skipped",
+                               lo=0.0, hi=1.0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", "optimizer", choices=("adamw", "lamb"))
+    lr: float = opt(1e-3, "peak learning rate", lo=0.0, hi=10.0)
+    weight_decay: float = opt(0.03, "weight decay (none on biases, norms, embeddings, logit scale)", lo=0.0)
+    betas: list = opt(lambda: [0.9, 0.999], "Adam/LAMB betas", factory=True)
+    eps: float = opt(1e-8, "Adam/LAMB epsilon", lo=0.0)
+    warmup_steps: int = opt(10, "linear warm-up steps", lo=0)
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant"))
+    min_lr_ratio: float = opt(0.0, "final learning rate over peak (cosine)", lo=0.0, hi=1.0)
+    grad_clip: float = opt(1.0, "gradient norm clip (0 disables)", lo=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(4, "training epochs", lo=1)
+    micro_batch_size: int = opt(32, "samples per rank per forward pass", lo=1)
+    grad_accum: int = opt(1, "gradient accumulation steps", lo=1)
+    output_dir: str = opt("runs/tiny-cpu", "run folder: checkpoints, TensorBoard events, metrics.jsonl")
+    resume: Optional[str] = opt(None, "'latest' or a checkpoint folder to continue from")
+    seed: int = opt(0, "seed of model init, data order and augmentation", lo=0)
+    precision: str = opt("fp32", "compute precision (merged into the DeepSpeed config)",
+                         choices=("fp32", "bf16", "fp16"))
+    save_every: int = opt(0, "checkpoint every N steps besides the end of each epoch (0: epoch ends only)",
+                          lo=0)
+    keep_last: int = opt(2, "checkpoints kept", lo=1)
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (debugging)", lo=1)
+    max_nonfinite_steps: int = opt(5, "consecutive skipped non-finite steps before the run stops", lo=1)
+    collective_timeout_s: int = opt(600, "timeout of collectives, after which a lost rank is reported", lo=10)
+
+
+@dataclass
+class NoiseConfig:
+    enabled: bool = opt(True, "estimate per-sample noise and use the noise-adaptive loss")
+    warmup_epochs: int = opt(1, "E_w: epochs of plain CLIP loss before the first fit", lo=0)
+    lambda_: float = opt(0.5, "omega = lambda * epsilon", lo=0.0, hi=1.0)
+    nitc_mode: str = opt("soft_target", "form of L_NITC", choices=("soft_target", "penalty"))
+    penalty_mu: float = opt(1.0, "mu of the penalty form", lo=0.0)
+    refit_every: Optional[int] = opt(None, "refit every N samples (streaming data) instead of per epoch",
+                                     lo=1)
+    reg_covar: float = opt(5e-4, "variance floor of the mixture", lo=0.0)
+    tol: float = opt(1e-2, "EM stopping tolerance on the mean log-likelihood", lo=0.0)
+    max_iter: int = opt(100, "EM iterations at most", lo=1)
+
+
+@dataclass
+class CompletionConfig:
+    enabled: bool = opt(False, "generate synthetic captions for noisy pairs (noise-completion)")
+    start_epoch: int = opt(2, "E_c: first epoch that uses synthetic captions", lo=0)
+    policy: str = opt("replace", "how a synthetic caption is used", choices=("replace", "concat", "threshold"))
+    vocabulary: Optional[str] = opt(None, "concept vocabulary file (one name per line); the shipped default "
+                                    "when unset")
+    top_k: int = opt(5, "concepts retrieved per image", lo=1, hi=64)
+    refresh_concepts_every: int = opt(50, "steps between concept-embedding refreshes", lo=1)
+    per_step_budget: int = opt(8, "synthetic captions generated per rank per step at most", lo=0)
+    refresh_every_epochs: int = opt(2, "R: regenerate cached captions after this many epochs", lo=1)
+    top_p: float = opt(0.9, "nucleus sampling mass", lo=0.0, hi=1.0)
+    min_tokens: int = opt(5, "shortest synthetic caption", lo=1)
+    max_tokens: int = opt(30, "longest synthetic caption", lo=1)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = opt(True, "evaluate on data.test at the end of training")
+    tasks: list = opt(lambda: ["zeroshot", "retrieval"], "evaluation tasks", factory=True)
+    templates: list = opt(lambda: ["a photo of a {}.", "a picture of a {}.", "an image of a {}."],
+                          "zero-shot prompt templates", factory=True)
+    batch_size: int = opt(64, "evaluation batch size per rank", lo=1)
+    max_samples: Optional[int] = opt(None, "evaluate on at most this many samples", lo=1)
+
+
+@dataclass
+class MonitorConfig:
+    tensorboard: bool = opt(True, "write TensorBoard events into the run folder")
+    log_every: int = opt(10, "steps between metric logs (cross-rank reductions happen only then)", lo=1)
+    progress: bool = opt(True, "progress bar on rank 0")
+    histogram_every_refit: bool = opt(True, "loss histograms and mixture plot at each GMM refit")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = opt("ds_configs/zero3.json", "DeepSpeed JSON with engine settings only (ZeRO, offload)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = opt(ModelConfig, "the four modules and the projections", factory=True)
+    data: DataConfig = opt(DataConfig, "shards, tokenizer and loader", factory=True)
+    optim: OptimConfig = opt(OptimConfig, "optimizer and schedule", factory=True)
+    train: TrainConfig = opt(TrainConfig, "loop, batch, checkpoints", factory=True)
+    noise: NoiseConfig = opt(NoiseConfig, "noise estimator and noise-harmonization", factory=True)
+    completion: CompletionConfig = opt(CompletionConfig, "noise-completion", factory=True)
+    eval: EvalConfig = opt(EvalConfig, "evaluation", factory=True)
+    monitor: MonitorConfig = opt(MonitorConfig, "TensorBoard and progress", factory=True)
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig, "DeepSpeed engine settings", factory=True)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (list, tuple) and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys of "
+                          f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = prefix + name
+        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) else _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _check_range(key: str, value, meta) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if value is None:
+        return
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+
+
+def _check_tree(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_tree(value, prefix + f.name + ".")
+        else:
+            _check_range(prefix + f.name, value, f.metadata)
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Cross-field rules that a single range cannot express."""
+    v = cfg.model.vision
+    if v.name == "vit_custom" and v.image_size % v.patch_size:
+        raise ConfigError(f"model.vision.image_size: {v.image_size} is not a multiple of "
+                          f"model.vision.patch_size={v.patch_size}")
+    for section in ("vision", "text", "decoder", "mae"):
+        sub = getattr(cfg.model, section)
+        if sub.width % sub.heads:
+            raise ConfigError(f"model.{section}.heads: {sub.heads} does not divide model.{section}.width="
+                              f"{sub.width}")
+    if cfg.model.mae.enabled and cfg.model.vision.mask_ratio <= 0:
+        raise ConfigError("model.mae.enabled: the MAE decoder needs model.vision.mask_ratio > 0")
+    c = cfg.completion
+    if c.min_tokens > c.max_tokens:
+        raise ConfigError(f"completion.min_tokens: {c.min_tokens} exceeds completion.max_tokens={c.max_tokens}")
+    if c.enabled and not cfg.noise.enabled:
+        raise ConfigError("completion.enabled: noise-completion needs noise.enabled=true (it uses epsilon)")
+    if cfg.data.resampled and cfg.data.samples_per_epoch is None:
+        raise ConfigError("data.samples_per_epoch: required when data.resampled=true")
+    unknown_tasks = set(cfg.eval.tasks) - {"zeroshot", "retrieval", "caption"}
+    if unknown_tasks:
+        raise ConfigError(f"eval.tasks: unknown task {sorted(unknown_tasks)[0]!r}; allowed: zeroshot, "
+                          "retrieval, caption")
+
+
+def validate(cfg: Config) -> Config:
+    _check_tree(cfg)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults), apply `section.key=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    for item in overrides:
+        _apply_override(tree, *_parse_override(item))
+    return validate(_build(Config, tree, ""))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+def git_sha(repo: Optional[Path] = None) -> str:
+    """The commit the code runs from, with '-dirty' when the tree has changes; 'unknown' outside git."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config and the git SHA into the run folder (config.yaml, run.json)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(out)
+    meta = run_dir / "run.json"
+    meta.write_text(json.dumps({"git_sha": git_sha()}, indent=2) + "\n")
+    return out
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field: the source of `nlip-ds config --help-keys`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+    return rows

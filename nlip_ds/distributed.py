@@ -1,0 +1,157 @@
+"""Process topology and the few collectives nlip-ds needs.
+
+This is the only module that reads RANK / WORLD_SIZE / SLURM_* variables. `resolve_topology()` maps each way a
+job can be launched (deepspeed launcher, torchrun, SLURM srun, a plain python process) onto one `Topology`, and
+`export_topology()` writes the variables torch.distributed and DeepSpeed expect before they initialize.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "deepspeed" | "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_master_addr(env) -> str:
+    """First host of the allocation. Node names need not resolve (a local test cluster), so ask scontrol for
+    the node's address and fall back to the name itself."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()
+        first = hosts[0]
+        info = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True,
+                              check=True, timeout=30).stdout
+        for token in info.split():
+            if token.startswith("NodeAddr="):
+                return token.split("=", 1)[1]
+        return first
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def resolve_topology(env=None) -> Topology:
+    """Work out rank, local rank, world size and rendezvous address from the launcher's environment."""
+    env = os.environ if env is None else env
+    port = int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        # deepspeed's launcher and torchrun both export RANK/LOCAL_RANK/WORLD_SIZE; torchrun also sets
+        # TORCHELASTIC_RUN_ID, which tells the two apart (only for the log).
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        return Topology(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                        env.get("MASTER_ADDR", "127.0.0.1"), port, launcher)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or _slurm_master_addr(env)
+        return Topology(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                        addr, port, "slurm")
+    return Topology(0, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def export_topology(topo: Topology) -> None:
+    """Write the variables torch.distributed's env:// rendezvous and DeepSpeed read."""
+    os.environ.update(RANK=str(topo.rank), LOCAL_RANK=str(topo.local_rank), WORLD_SIZE=str(topo.world_size),
+                      MASTER_ADDR=topo.master_addr, MASTER_PORT=str(topo.master_port))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's block (a reduce-scatter).
+
+    With each rank's loss a mean over its own rows and the engine averaging gradients over ranks, this gives
+    every rank the gradient of the global-batch loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out  # (world * n, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        grad = grad.contiguous()
+        if grad.device.type == "cpu":
+            # gloo has no reduce_scatter: all-reduce then take this rank's block.
+            dist.all_reduce(grad)
+            return grad.chunk(world)[dist.get_rank()].contiguous()
+        out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad)
+        return out
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (n, ...) of every rank in rank order -> (world * n, ...), differentiable.
+
+    Every rank must pass the same n. With one process it returns `x` itself.
+    """
+    if get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (n, ...) of every rank in rank order, without gradient. Every rank passes the same n."""
+    if get_world_size() == 1:
+        return x
+    out = torch.empty((get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled; for small, rare messages only)."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(value: int) -> int:
+    """Largest `value` over ranks (used for lockstep loops: keep going while any rank has work)."""
+    if get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
