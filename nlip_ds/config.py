@@ -171,6 +171,8 @@ class EvalConfig:
     tasks: list = opt(lambda: ["zeroshot", "retrieval"], "evaluation tasks", factory=True)
     templates: list = opt(lambda: ["a photo of a {}.", "a picture of a {}.", "an image of a {}."],
                           "zero-shot prompt templates", factory=True)
+    classes: Optional[str] = opt(None, "class-name file for zero-shot (default: classes.txt at the root of "
+                                 "the data.test dataset)")
     batch_size: int = opt(64, "evaluation batch size per rank", lo=1)
     max_samples: Optional[int] = opt(None, "evaluate on at most this many samples", lo=1)
 

@@ -110,13 +110,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
-        grad = grad.contiguous()
-        if grad.device.type == "cpu":
-            # gloo has no reduce_scatter: all-reduce then take this rank's block.
-            dist.all_reduce(grad)
-            return grad.chunk(world)[dist.get_rank()].contiguous()
         out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, grad)
+        dist.reduce_scatter_tensor(out, grad.contiguous())
         return out
 
 
@@ -148,10 +143,12 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def all_reduce_max(value: int) -> int:
-    """Largest `value` over ranks (used for lockstep loops: keep going while any rank has work)."""
+def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
+    """Largest `value` over ranks (used for lockstep loops: keep going while any rank has work).
+
+    `device` must be one the backend can reduce on (CUDA for NCCL)."""
     if get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

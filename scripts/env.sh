@@ -1,0 +1,33 @@
+# Create or reuse the project's virtual environment (.venv) and install nlip-ds into it.
+# Sourced by scripts/demo.sh and scripts/test.sh. A second run reinstalls nothing unless setup.py or this
+# file changed (a stamp in .venv records their hash).
+set -euo pipefail
+NLIP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${NLIP_VENV:-$NLIP_ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  # cpp_extension finds the toolkit through CUDA_HOME: the folder above nvcc's bin/.
+  CUDA_HOME="$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd)"
+  export CUDA_HOME
+fi
+
+stamp_of() { cat "$NLIP_ROOT/setup.py" "$NLIP_ROOT/scripts/env.sh" "$NLIP_ROOT"/kernels/*.{cpp,cu,h} 2>/dev/null \
+  | sha256sum | cut -c1-16; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[nlip-ds] creating virtual environment $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+want="$(stamp_of)"
+if [ "$(cat "$VENV/.nlip-ds-stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[nlip-ds] installing nlip-ds and its dependencies into $VENV (first run: several minutes)" >&2
+  "$VENV/bin/pip" install -q --upgrade pip setuptools wheel ninja
+  # torch first: the extension build below compiles against it. torch===2.13.0 (three '=') takes the
+  # registry's standard build even where pip is pointed at a local CPU-only wheel of the same version.
+  "$VENV/bin/pip" install -q "torch===2.13.0" "torchvision===0.28.0"
+  "$VENV/bin/pip" install -q --no-build-isolation -e "$NLIP_ROOT[test]"
+  echo "$want" > "$VENV/.nlip-ds-stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
