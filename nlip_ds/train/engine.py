@@ -1,0 +1,175 @@
+"""DeepSpeed lives here: the ZeRO config merge, engine construction and checkpoint I/O.
+
+ds_configs/*.json hold engine settings only (ZeRO stage, offload, buckets). Batch sizes, optimizer, schedule,
+clipping and precision come from the run config and are merged in `build_ds_config`, the one place that
+checks train_batch_size = micro_batch x grad_accum x world_size.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from nlip_ds.config import Config, ConfigError
+from nlip_ds.train.optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+# Keys the run config owns; a ds_configs file that sets them would silently fight the merge.
+RUN_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "optimizer", "scheduler", "gradient_clipping", "fp16", "bf16", "tensorboard")
+DEPRECATED_KEYS = ("cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory", "allgather_partitions",
+                   "elastic_checkpoint", "zero_optimization.cpu_offload", "zero_optimization.cpu_offload_params")
+
+
+def _load_engine_json(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config: {path} does not exist")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {exc}") from None
+    for key in RUN_OWNED_KEYS:
+        if key in ds:
+            raise ConfigError(f"deepspeed.config: {path} sets '{key}', which comes from the run config "
+                              "(train.*, optim.*); remove it from the JSON")
+    zero = ds.get("zero_optimization", {})
+    for key in DEPRECATED_KEYS:
+        section, _, sub = key.rpartition(".")
+        if (sub in zero) if section else (key in ds):
+            raise ConfigError(f"deepspeed.config: {path} uses deprecated key '{key}'; use "
+                              "zero_optimization.offload_optimizer / offload_param instead")
+    return ds
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """Engine JSON + run config -> the dict handed to deepspeed.initialize."""
+    ds = _load_engine_json(cfg.deepspeed.config)
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    # The JSON may not set it (RUN_OWNED_KEYS), so this product is the only source of the global batch.
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    ds["fp16"] = {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    if cfg.monitor.tensorboard:
+        # DeepSpeed's own monitor writes next to ours, in the same run folder.
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(t.output_dir) / "tensorboard"),
+                             "job_name": "deepspeed"}
+    return ds
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Linear warm-up to the peak, then cosine to min_lr_ratio (or constant): a multiplier of optim.lr."""
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def init_distributed(cfg: Config) -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU) with the configured collective timeout."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s),
+                               verbose=False)
+
+
+def zero_init_context(cfg: Config, ds_config: dict):
+    """Under ZeRO-3, build the model already partitioned so no rank ever holds all of a large model."""
+    import contextlib
+
+    import deepspeed
+
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
+def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps: int):
+    """One DeepSpeed engine over the task module (model + losses)."""
+    import deepspeed
+
+    optimizer = build_optimizer(task.param_groups(cfg.optim.weight_decay), cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / "checkpoints"
+
+
+def save_checkpoint(engine, cfg: Config, tag: str, shared_state: dict, rank_state: dict) -> None:
+    """Engine shards + client state. `shared_state` (identical on every rank) goes through DeepSpeed's
+    client_state; `rank_state` (loader position, RNG) is written by each rank next to it."""
+    from nlip_ds.distributed import barrier, get_rank
+
+    root = checkpoint_dir(cfg)
+    engine.save_checkpoint(str(root), tag=tag, client_state=shared_state)
+    rank_file = root / tag / f"rank_state_{get_rank():05d}.pt"
+    tmp = rank_file.with_suffix(".pt.tmp")
+    torch.save(rank_state, tmp)
+    os.replace(tmp, rank_file)
+    barrier()
+    if get_rank() == 0:
+        _prune(root, cfg.train.keep_last)
+    barrier()
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step")),
+                  key=lambda p: int(p.name[4:]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(cfg: Config) -> tuple[Path, str] | None:
+    """(checkpoint root, tag) for train.resume = 'latest' or a checkpoint folder; None to start fresh."""
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "latest":
+        root = checkpoint_dir(cfg)
+        latest = root / "latest"
+        if not latest.is_file():
+            logger.info("train.resume=latest: no checkpoint in %s yet, starting fresh", root)
+            return None
+        return root, latest.read_text().strip()
+    path = Path(cfg.train.resume)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume: {path} is not a checkpoint folder")
+    return path.parent, path.name
+
+
+def load_checkpoint(engine, root: Path, tag: str) -> tuple[dict, dict]:
+    """Restore engine state; return (shared client state, this rank's state)."""
+    from nlip_ds.distributed import get_rank
+
+    _, client = engine.load_checkpoint(str(root), tag=tag)
+    if client is None:
+        raise RuntimeError(f"checkpoint {root / tag} could not be loaded")
+    rank_file = root / tag / f"rank_state_{get_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise RuntimeError(f"{rank_file} is missing: the checkpoint was written with another world size; "
+                           "exact resume needs the same number of ranks")
+    return client, torch.load(rank_file, weights_only=True)
