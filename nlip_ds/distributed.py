@@ -18,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 29500
 
+# torch 2.13 renamed the tensor collectives (the old names warn); keep both working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -104,14 +108,14 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out  # (world * n, ...)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         out = torch.empty((grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, grad.contiguous())
+        _reduce_scatter_single(out, grad.contiguous())
         return out
 
 
@@ -130,7 +134,7 @@ def all_gather_tensor(x: torch.Tensor) -> torch.Tensor:
     if get_world_size() == 1:
         return x
     out = torch.empty((get_world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 
