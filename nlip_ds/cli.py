@@ -1,0 +1,88 @@
+"""`nlip-ds`: the command-line entry point. Each command parses its arguments and calls one function.
+
+    nlip-ds data synth|shards|inspect ...
+    nlip-ds train --config configs/tiny-cpu.yaml [section.key=value ...]
+    nlip-ds export --checkpoint RUN_DIR --out DIR
+    nlip-ds config [--config FILE] [section.key=value ...]     print the resolved config, or --keys
+
+Under the DeepSpeed launcher: deepspeed --num_gpus G --module nlip_ds.cli train --config ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nlip_ds.config import ConfigError, describe, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="experiment YAML (configs/...); defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+
+
+def cmd_train(args) -> int:
+    from nlip_ds.train.loop import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nlip_ds.train.export import export
+
+    out = export(args.checkpoint, args.out, tag=args.tag)
+    print(f"exported to {out} (load with NLIPModel.from_pretrained('{out}'))")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from nlip_ds.config import to_dict
+
+    if args.keys:
+        for key, default, doc in describe():
+            print(f"{key:<38} {default:<24} {doc}")
+        return 0
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nlip-ds", description="Noise-robust language-image pre-training "
+                                     "(NLIP) on DeepSpeed ZeRO-3")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from nlip_ds.data.cli import add_subcommands as add_data_commands
+
+    add_data_commands(sub)
+
+    p = sub.add_parser("train", help="train a model (plain process, deepspeed, torchrun or SLURM srun)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a ZeRO-3 run into NLIPModel.from_pretrained format")
+    p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoints/ folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tag", help="checkpoint tag (default: latest)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    _add_config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every config key, its default and meaning")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"nlip-ds {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

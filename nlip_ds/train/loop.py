@@ -1,0 +1,223 @@
+"""The flat training loop: config -> distributed -> build -> epochs of steps -> evaluation -> summary.
+
+Per step: omega and clean probability looked up by sample id -> engine forward (task: fused loss and
+caption loss) -> backward/step -> one all-gather of per-sample losses into the bank. At the start of every
+epoch after warm-up (or every noise.refit_every samples) the GMM is refitted on the bank. Metrics stay on
+device between log steps and are reduced across ranks only there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from nlip_ds import distributed as D
+from nlip_ds.config import Config, git_sha, to_dict, write_resolved
+from nlip_ds.monitor import MetricSink, Progress, setup_logging
+from nlip_ds.train import engine as E
+from nlip_ds.train.build import build_loaders, build_model, build_tokenizer
+from nlip_ds.train.refit import refit
+from nlip_ds.train.state import RunState, capture_rng, restore_rng
+from nlip_ds.train.task import NLIPTask
+
+logger = logging.getLogger(__name__)
+
+LOGGED_TERMS = ("loss", "contrastive_loss", "caption_loss", "mae_loss", "logit_scale")
+
+
+def train(cfg: Config) -> dict:
+    topo = D.resolve_topology()
+    D.export_topology(topo)
+    setup_logging(topo.rank)
+    E.init_distributed(cfg)
+    logger.info("%d rank(s) via %s; run folder %s", topo.world_size, topo.launcher, cfg.train.output_dir)
+    torch.manual_seed(cfg.train.seed)
+    if topo.is_main:
+        write_resolved(cfg, cfg.train.output_dir)
+    tokenizer = build_tokenizer(cfg)
+    loaders = build_loaders(cfg, tokenizer, topo)
+    ds_config = E.build_ds_config(cfg, topo.world_size)
+    with E.zero_init_context(cfg, ds_config):
+        model = build_model(cfg, tokenizer)
+    steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
+    engine = E.initialize(NLIPTask(model, cfg), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
+    state = RunState.create(loaders["train"].num_samples_hint)
+    resume(engine, cfg, state, loaders["train"])
+    sink = MetricSink(cfg.train.output_dir, enabled=topo.is_main, tensorboard=cfg.monitor.tensorboard)
+    try:
+        run_epochs(engine, cfg, state, loaders["train"], sink, topo)
+        results = evaluate(engine, cfg, tokenizer, loaders, sink, state)
+    finally:
+        sink.close()
+    return write_summary(cfg, state, results, topo)
+
+
+def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, topo: D.Topology) -> None:
+    total = loader.num_batches * cfg.train.epochs
+    batch = cfg.train.micro_batch_size * topo.world_size
+    progress = Progress(total, batch, enabled=topo.is_main and cfg.monitor.progress, start_step=state.step)
+    acc = MetricAccumulator()
+    while state.epoch < cfg.train.epochs:
+        loader.set_epoch(state.epoch)
+        if not cfg.noise.refit_every:
+            state.bank.set_epoch(state.epoch)
+        if should_refit_at_epoch(cfg, state):
+            refit(cfg, state, sink)
+        for batch_ in loader:
+            train_step(engine, cfg, state, batch_, acc)
+            if state.step % cfg.monitor.log_every == 0:
+                log_step(engine, state, acc, sink, progress)
+            if should_refit_in_epoch(cfg, state):
+                refit(cfg, state, sink)
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+                save(engine, cfg, state, loader)
+            if cfg.train.max_steps and engine.global_steps >= cfg.train.max_steps:
+                break
+        state.epoch += 1
+        save(engine, cfg, state, loader)
+        if cfg.train.max_steps and engine.global_steps >= cfg.train.max_steps:
+            break
+    if acc.count:
+        log_step(engine, state, acc, sink, progress)
+    progress.close()
+
+
+def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAccumulator") -> None:
+    device = engine.device
+    batch = to_device(batch, device)
+    ids = batch["sample_id"]
+    eps = state.noise.epsilon_for(ids)  # (n,) zeros until the first fit
+    terms = engine(batch, cfg.noise.lambda_ * eps, 1.0 - eps)
+    engine.backward(terms["loss"])
+    engine.step()
+    if cfg.noise.enabled:
+        # Padded repeats (exact epochs) re-enter the bank under their own id: latest wins, no double count.
+        state.bank.update(ids, terms["per_sample_loss"], flags=noise_flags(batch["noise_type"]))
+    state.step += 1
+    state.samples_since_refit += ids.numel() * D.get_world_size()
+    acc.add({k: terms[k] for k in LOGGED_TERMS if k in terms})
+
+
+def noise_flags(noise_type: torch.Tensor) -> torch.Tensor:
+    """Ground truth for the detection metrics: 1 noisy (incorrect or incomplete), 0 clean, -1 unknown."""
+    return torch.where(noise_type < 0, noise_type, (noise_type > 0).long())
+
+
+def should_refit_at_epoch(cfg: Config, state: RunState) -> bool:
+    """Epoch mode: once at the start of every epoch from warmup_epochs on (not again after a resume)."""
+    return (cfg.noise.enabled and not cfg.noise.refit_every and state.epoch >= max(1, cfg.noise.warmup_epochs)
+            and state.last_refit_epoch < state.epoch)
+
+
+def should_refit_in_epoch(cfg: Config, state: RunState) -> bool:
+    """Streaming mode: every noise.refit_every samples once warm-up is over."""
+    n = cfg.noise
+    return (n.enabled and bool(n.refit_every) and state.epoch >= n.warmup_epochs
+            and state.samples_since_refit >= n.refit_every)
+
+
+class MetricAccumulator:
+    """Running sums of scalar tensors, kept on device; reduced across ranks only when read."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: dict) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def reduce(self) -> dict:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys]) / self.count
+        if D.get_world_size() > 1:
+            torch.distributed.all_reduce(stacked)
+            stacked /= D.get_world_size()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, stacked.tolist()))
+
+
+def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, progress: Progress) -> None:
+    metrics = {f"train/{k}": v for k, v in acc.reduce().items()}
+    metrics["train/lr"] = engine.get_lr()[0]
+    metrics["train/epoch"] = state.epoch
+    metrics["throughput/samples_per_s"] = progress.rate(state.step)
+    sink.log(metrics, state.step)
+    state.final_train = {k: v for k, v in metrics.items() if k.endswith("_loss") or k == "train/loss"}
+    progress.update(state.step, state.epoch, metrics.get("train/loss"))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def save(engine, cfg: Config, state: RunState, loader) -> None:
+    tag = f"step{state.step}"
+    shared = state.shared_state(to_dict(cfg), git_sha())
+    E.save_checkpoint(engine, cfg, tag, shared, {"loader": loader.state_dict(), "rng": capture_rng()})
+    logger.info("checkpoint %s written", Path(E.checkpoint_dir(cfg)) / tag)
+
+
+def resume(engine, cfg: Config, state: RunState, loader) -> None:
+    found = E.resolve_resume(cfg)
+    if found is None:
+        return
+    shared, mine = E.load_checkpoint(engine, *found)
+    state.load_shared_state(shared)
+    loader.load_state_dict(mine["loader"])
+    restore_rng(mine["rng"])
+    logger.info("resumed from %s/%s at epoch %d, step %d", found[0], found[1], state.epoch, state.step)
+
+
+# ------------------------------------------------------------------------------ evaluation, summary
+
+
+def evaluate(engine, cfg: Config, tokenizer, loaders: dict, sink: MetricSink, state: RunState) -> dict:
+    if not cfg.eval.enabled or "test" not in loaders:
+        return {}
+    from nlip_ds.eval.runner import run_eval
+
+    engine.eval()
+    results = run_eval(engine.module.model, cfg, tokenizer, loaders["test"])
+    engine.train()
+    sink.log({f"eval/{k}": v for k, v in results.items()}, state.step)
+    return results
+
+
+def write_summary(cfg: Config, state: RunState, results: dict, topo: D.Topology) -> dict:
+    last = state.history[-1] if state.history else {}
+    summary = {"steps": state.step, "epochs": state.epoch, "world_size": topo.world_size,
+               "final_train": state.final_train, "noise": last, "eval": results}
+    if topo.is_main:
+        out = Path(cfg.train.output_dir) / "summary.json"
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary, cfg)
+    return summary
+
+
+def print_summary(summary: dict, cfg: Config) -> None:
+    lines = ["", "=== nlip-ds run summary ===", f"run folder      {cfg.train.output_dir}",
+             f"steps / epochs  {summary['steps']} / {summary['epochs']} on {summary['world_size']} rank(s)"]
+    for k, v in summary["final_train"].items():
+        lines.append(f"{k:<15} {v:.4f}")
+    noise = summary["noise"]
+    if noise:
+        lines.append(f"noise rate      estimated {noise.get('noise/rate', float('nan')):.3f}"
+                     f" | true {noise.get('noise/true_rate', float('nan')):.3f}")
+        if "noise/auc" in noise:
+            lines.append(f"detection       AUC {noise['noise/auc']:.3f}  precision "
+                         f"{noise['noise/precision']:.3f}  recall {noise['noise/recall']:.3f}")
+    for k, v in summary["eval"].items():
+        lines.append(f"eval {k:<10} {v:.4f}")
+    lines.append(f"TensorBoard     tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,63 @@
+"""Everything a run carries besides the engine: counters, the loss bank, the noise estimate, RNG states.
+
+Split in two for checkpoints: the shared part is identical on every rank (counters, bank, GMM fit) and goes
+through DeepSpeed's client state; the per-rank part (loader position, RNG) is saved by each rank.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from nlip_ds.noise.bank import LossBank
+from nlip_ds.noise.harmonize import NoiseState
+
+
+@dataclass
+class RunState:
+    bank: LossBank
+    noise: NoiseState
+    epoch: int = 0
+    step: int = 0  # micro-batches done (the engine counts optimizer steps itself)
+    last_refit_epoch: int = -1
+    samples_since_refit: int = 0
+    history: list = field(default_factory=list)  # one dict of noise metrics per refit
+    final_train: dict = field(default_factory=dict)  # the last logged train/* means
+
+    @classmethod
+    def create(cls, num_samples_hint: int) -> "RunState":
+        return cls(bank=LossBank(capacity=num_samples_hint), noise=NoiseState())
+
+    def shared_state(self, config_dict: dict, git_sha: str) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "last_refit_epoch": self.last_refit_epoch,
+                "samples_since_refit": self.samples_since_refit, "history": self.history,
+                "bank": self.bank.state_dict(), "noise": self.noise.state_dict(),
+                "config": config_dict, "git_sha": git_sha}
+
+    def load_shared_state(self, state: dict) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.last_refit_epoch = state["last_refit_epoch"]
+        self.samples_since_refit = state["samples_since_refit"]
+        self.history = list(state["history"])
+        self.bank.load_state_dict(state["bank"])
+        self.noise.load_state_dict(state["noise"])
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuple(x):
+    """random.setstate needs tuples where a round trip through a checkpoint may give lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
