@@ -1,0 +1,207 @@
+"""NLIPModel: V_e, T_e, C_d, V_d and the projections as one nn.Module that knows nothing of DeepSpeed.
+
+forward(batch) returns a dict of features and logits (open_clip CoCa style); the losses live in train/task.py.
+Written for ZeRO-3, which gathers a module's parameters only inside that module's forward: every learnable
+tensor sits in a submodule that is called (the logit scale included), no weights are tied across modules, the
+methods used outside training (encode_image, encode_text, generate) only call submodules, and every path
+calls each submodule the same number of times whatever the data (generation aside, which has `sync_fn`).
+
+Export: save_pretrained(dir) writes model.safetensors, config.json (the ModelConfig plus vocabulary size and
+special token ids) and, when given, a copy of the tokenizer folder; from_pretrained(dir) needs only torch,
+timm, transformers and safetensors, and never unpickles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nlip_ds.config import ModelConfig, from_dict
+from nlip_ds.model.decoder import CaptionDecoder, teacher_forcing
+from nlip_ds.model.generation import GenerationOptions, SpecialIds, SyncFn, beam_loop, sample_loop
+from nlip_ds.model.layers import LogitScale, l2_normalize
+from nlip_ds.model.mae import MAEDecoder
+from nlip_ds.model.text import TextEncoder
+from nlip_ds.model.vision import ImageEncoder
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+SPECIAL_KEYS = ("vocab_size", "pad_id", "bos_id", "eos_id", "sep_id")
+
+
+class NLIPModel(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                 sep_id: int, load_pretrained: bool = True):
+        """`load_pretrained=False` skips model.vision.pretrained_path (from_pretrained loads all weights)."""
+        super().__init__()
+        self.config = model_cfg
+        self.special = dict(vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, sep_id=sep_id)
+        self.vision = ImageEncoder(model_cfg.vision, load_pretrained=load_pretrained)
+        self.text = TextEncoder(model_cfg.text, vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id,
+                                eos_id=eos_id, sep_id=sep_id)
+        self.decoder = CaptionDecoder(model_cfg.decoder, vocab_size=vocab_size, pad_id=pad_id,
+                                      vision_width=self.vision.width, text_width=self.text.width)
+        self.mae = MAEDecoder(model_cfg.mae, vision_width=self.vision.width, num_patches=self.vision.num_patches,
+                              num_prefix_tokens=self.vision.num_prefix_tokens,
+                              patch_size=self.vision.patch_size) if model_cfg.mae.enabled else None
+        self.image_proj = nn.Linear(self.vision.width, model_cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, model_cfg.embed_dim, bias=False)
+        self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, tokenizer) -> "NLIPModel":
+        """Build with the vocabulary size and special ids of a tokenizer that has those attributes."""
+        return cls(model_cfg, **{key: getattr(tokenizer, key) for key in SPECIAL_KEYS})
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def forward(self, batch: dict, *, mask_ratio: Optional[float] = None,
+                generator: Optional[torch.Generator] = None) -> dict:
+        """Features, logit scale, teacher-forced caption logits/labels and (when masking) the MAE loss.
+
+        mask_ratio defaults to model.vision.mask_ratio in training mode and 0 in eval mode; `generator`
+        drives the patch mask and the concept-prefix dropout (the global RNG when None).
+        """
+        images = batch["image"]
+        if mask_ratio is None:
+            mask_ratio = self.config.vision.mask_ratio if self.training else 0.0
+        vis = self.vision(images, mask_ratio, generator)
+        concept_ids, concept_mask = self._concept_prefix(batch, generator)
+        txt = self.text(batch["input_ids"], batch["attention_mask"], concept_ids, concept_mask)
+        dec_ids, dec_mask, labels = teacher_forcing(batch["input_ids"], batch["attention_mask"])
+        memory, memory_mask = self.decoder.memory(vis.tokens, txt.concept_features, txt.concept_mask)
+        out = {
+            "image_features": l2_normalize(self.image_proj(vis.pooled)),  # (B, D)
+            "text_features": l2_normalize(self.text_proj(txt.pooled)),  # (B, D)
+            "logit_scale": self.logit_scale(),
+            "caption_logits": self.decoder(dec_ids, dec_mask, memory, memory_mask),  # (B, T-1, V)
+            "caption_labels": labels,  # (B, T-1)
+        }
+        if self.mae is not None and vis.mask is not None:
+            out["mae_loss"] = self.mae(vis.tokens, vis.ids_restore, vis.mask, images)  # (B,)
+        return out
+
+    def _concept_prefix(self, batch: dict, generator: Optional[torch.Generator]):
+        """The batch's concept prefix with whole-prefix dropout in training; (None, None) when absent."""
+        concept_ids = batch.get("concept_ids")
+        if concept_ids is None:
+            return None, None
+        concept_mask = batch.get("concept_mask")
+        concept_mask = concept_ids != self.special["pad_id"] if concept_mask is None else concept_mask.bool()
+        p = self.config.text.concept_dropout
+        if self.training and p > 0:
+            device = generator.device if generator is not None else concept_ids.device
+            keep = torch.rand(concept_ids.shape[0], generator=generator, device=device) >= p  # (B,)
+            concept_mask = concept_mask & keep.to(concept_ids.device).unsqueeze(1)
+        return concept_ids, concept_mask
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimizer groups: decay on Linear/Conv weight matrices only; none on biases, norms, token and
+        position embeddings, the class/mask tokens and the logit scale."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))
+                    (decay if matrix else no_decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ---------------------------------------------------------------------------------------- evaluation
+
+    def encode_image(self, images: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) L2-normalized image embeddings."""
+        return l2_normalize(self.image_proj(self.vision(images, mask_ratio).pooled))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    concept_ids: Optional[torch.Tensor] = None,
+                    concept_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) caption ids, optional (B, K) concept prefix -> (B, D) L2-normalized text embeddings."""
+        return l2_normalize(self.text_proj(self.text(input_ids, attention_mask, concept_ids, concept_mask).pooled))
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P + L, Dv) unmasked V_e tokens, class token first."""
+        return self.vision(images).tokens
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def _memory(self, images, concept_ids, concept_mask):
+        """Decoder memory for generation. T_e runs even without concepts (on an empty prefix) so every rank
+        calls it once whatever its batch holds."""
+        batch = images.shape[0]
+        if concept_ids is None:
+            concept_ids = torch.full((batch, 1), self.special["pad_id"], dtype=torch.long, device=images.device)
+        no_caption = concept_ids.new_zeros((batch, 0))
+        txt = self.text(no_caption, no_caption, concept_ids, concept_mask)
+        return self.decoder.memory(self.vision(images).tokens, txt.concept_features, txt.concept_mask)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, concept_ids: Optional[torch.Tensor] = None,
+                 concept_mask: Optional[torch.Tensor] = None, *, strategy: str = "nucleus",
+                 max_tokens: int = 30, min_tokens: int = 5, top_p: float = 0.9, num_beams: int = 3,
+                 repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                 generator: Optional[torch.Generator] = None, sync_fn: Optional[SyncFn] = None) -> torch.Tensor:
+        """Captions (B, L) as token ids after [BOS]: each row ends with [EOS] (unless cut at max_tokens), then
+        pad_id. See generation.py for the strategies and the lockstep contract of `sync_fn`."""
+        opts = GenerationOptions(strategy, max_tokens, min_tokens, top_p, num_beams, repetition_penalty,
+                                 length_penalty).validate()
+        if max_tokens > self.decoder.max_length:
+            raise ValueError(f"generate: max_tokens {max_tokens} exceeds model.decoder.max_length="
+                             f"{self.decoder.max_length}")
+        s = self.special
+        ids = SpecialIds(bos=s["bos_id"], eos=s["eos_id"], pad=s["pad_id"],
+                         banned=(s["pad_id"], s["bos_id"], s["sep_id"]))
+        memory, memory_mask = self._memory(images, concept_ids, concept_mask)
+        batch, device = images.shape[0], images.device
+        if strategy == "beam":
+            memory = memory.repeat_interleave(num_beams, dim=0)  # (B * nb, M, D)
+            memory_mask = memory_mask.repeat_interleave(num_beams, dim=0)
+        cache = self.decoder.new_cache()
+
+        def step(last: torch.Tensor) -> torch.Tensor:
+            return self.decoder(last, None, memory, memory_mask, cache)[:, -1]  # (N, V)
+
+        if strategy == "beam":
+            return beam_loop(step, cache.reorder_cache, batch, device, opts, ids, sync_fn)
+        return sample_loop(step, batch, device, opts, ids, generator, sync_fn)
+
+    # -------------------------------------------------------------------------------------------- export
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer_dir: Optional[str | Path] = None) -> Path:
+        """Write model.safetensors, config.json and (when given) a copy of the tokenizer folder."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(self.config), **self.special}
+        (out_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+        logger.info("saved NLIPModel to %s (%d tensors)", out_dir, len(state))
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> "NLIPModel":
+        """Load an export of save_pretrained, in eval mode. The tokenizer, if saved, is at model_dir/tokenizer."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{model_dir}: not an NLIPModel export (no {CONFIG_NAME})")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version {meta.get('format_version')!r}, expected "
+                             f"{FORMAT_VERSION}")
+        model_cfg = from_dict({"model": meta["model"]}).model
+        model = cls(model_cfg, load_pretrained=False, **{key: meta[key] for key in SPECIAL_KEYS})
+        model.load_state_dict(load_file(str(model_dir / WEIGHTS_NAME)), strict=True)
+        return model.to(map_location).eval()

@@ -1,0 +1,342 @@
+"""NLIPModel and its modules on tiny CPU configs: shapes, masking, determinism, the caption loss, concept
+handling, parameter groups, the apex fallback, export round trip and the paper-scale parameter count."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nlip_ds.config import DecoderConfig, MAEConfig, ModelConfig, TextConfig, VisionConfig
+from nlip_ds.model import NLIPModel, caption_loss, layers
+from nlip_ds.model.mae import patchify, reconstruction_loss
+from nlip_ds.model.text import pack_sequence
+from nlip_ds.model.vision import ImageEncoder
+
+REPO = Path(__file__).resolve().parent.parent
+SPECIAL = dict(vocab_size=100, pad_id=0, bos_id=1, eos_id=2, sep_id=3)
+
+
+def tiny_config(mae: bool = True, mask_ratio: float = 0.5, concept_dropout: float = 0.5) -> ModelConfig:
+    cfg = ModelConfig()  # the defaults are the tiny CPU sizes: 32 px, patch 8, width 64, depth 2
+    cfg.vision.mask_ratio = mask_ratio
+    cfg.text.concept_dropout = concept_dropout
+    cfg.mae.enabled = mae
+    return cfg
+
+
+def build(seed: int = 0, **kwargs) -> NLIPModel:
+    torch.manual_seed(seed)
+    return NLIPModel(tiny_config(**kwargs), **SPECIAL)
+
+
+def make_batch(seed: int = 0, batch: int = 4, with_concepts: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [7, 4, 9, 3][:batch]
+    ids = torch.zeros(batch, 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(4, 100, (n,), generator=g)
+        ids[i, 0], ids[i, n - 1] = 1, 2  # [BOS] ... [EOS]
+    out = {"image": torch.randn(batch, 3, 32, 32, generator=g), "input_ids": ids,
+           "attention_mask": (ids != 0).long()}
+    if with_concepts:
+        concepts = torch.randint(4, 100, (batch, 5), generator=g)
+        concepts[0, 3:] = 0
+        concepts[2] = 0  # no concepts for this sample
+        out["concept_ids"], out["concept_mask"] = concepts, (concepts != 0).long()
+    return out
+
+
+def test_forward_shapes_dtypes_and_normalization():
+    model = build()
+    batch = make_batch()
+    out = model(batch)
+    assert set(out) == {"image_features", "text_features", "logit_scale", "caption_logits", "caption_labels",
+                        "mae_loss"}
+    assert out["image_features"].shape == out["text_features"].shape == (4, 64)
+    assert out["image_features"].dtype == out["text_features"].dtype == torch.float32
+    torch.testing.assert_close(out["image_features"].norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(out["text_features"].norm(dim=1), torch.ones(4))
+    assert out["logit_scale"].shape == () and out["logit_scale"].requires_grad
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert out["caption_logits"].shape == (4, 8, 100)
+    labels = out["caption_labels"]
+    assert labels.dtype == torch.long and labels.shape == (4, 8)
+    torch.testing.assert_close(labels, batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0,
+                                                                            -100))
+    assert out["mae_loss"].shape == (4,) and bool(torch.isfinite(out["mae_loss"]).all())
+
+
+def test_logit_scale_is_clamped_and_differentiable():
+    model = build()
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(torch.tensor(500.0).log())
+    assert model.logit_scale().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        model.logit_scale.log_scale.fill_(torch.tensor(20.0).log())
+    model.logit_scale().backward()
+    assert model.logit_scale.log_scale.grad.item() == pytest.approx(20.0, rel=1e-5)  # d exp(x)/dx
+
+
+def test_eval_mode_has_no_mask_and_no_mae_loss_and_matches_encoders():
+    model = build().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = model(batch)
+        assert "mae_loss" not in out
+        torch.testing.assert_close(out["image_features"], model.encode_image(batch["image"]))
+        torch.testing.assert_close(out["text_features"], model.encode_text(
+            batch["input_ids"], batch["attention_mask"], batch["concept_ids"], batch["concept_mask"]))
+        assert model.image_tokens(batch["image"]).shape == (4, 1 + 16, 64)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_patch_masking_keeps_the_requested_share(ratio):
+    torch.manual_seed(0)
+    encoder = ImageEncoder(VisionConfig())
+    images = torch.randn(3, 3, 32, 32)
+    out = encoder(images, ratio, torch.Generator().manual_seed(1))
+    keep = int(16 * (1 - ratio))
+    assert out.tokens.shape == (3, 1 + keep, 64)
+    assert out.mask.shape == (3, 16)
+    assert out.mask.sum(1).tolist() == [16 - keep] * 3
+    # the kept patches are the unmasked ones: the first `keep` entries of the shuffle restored by ids_restore
+    shuffled_mask = out.mask.gather(1, out.ids_restore.argsort(1))
+    assert shuffled_mask[:, :keep].sum() == 0 and shuffled_mask[:, keep:].min() == 1
+    assert not torch.equal(out.mask[0], out.mask[1])  # per-sample masks
+
+
+def test_same_seed_same_outputs_and_other_seed_differs():
+    batch = make_batch()
+    outs = []
+    for model_seed, run_seed in [(0, 5), (0, 5), (0, 6)]:
+        model = build(seed=model_seed).train()
+        torch.manual_seed(run_seed)  # decoder dropout draws from the global RNG
+        outs.append(model(batch, generator=torch.Generator().manual_seed(run_seed)))
+    for key in outs[0]:
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=0, atol=0)
+    assert not torch.equal(outs[0]["mae_loss"], outs[2]["mae_loss"])
+
+
+def test_caption_loss_equals_hand_written_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 7, generator=g)
+    labels = torch.tensor([[1, 4, 6, -100], [0, -100, -100, -100], [2, 2, 5, 3]])
+    weights = torch.tensor([0.9, 0.2, 0.5])
+    eps, vocab = 0.1, 7
+    expected_per_sample = []
+    for i in range(3):
+        terms = []
+        for t in range(4):
+            if labels[i, t] == -100:
+                continue
+            logp = logits[i, t].log_softmax(-1)
+            terms.append(-(1 - eps) * logp[labels[i, t]] - eps / vocab * logp.sum())
+        expected_per_sample.append(sum(terms) / len(terms))
+    expected_per_sample = torch.stack(expected_per_sample)
+    loss, per_sample = caption_loss(logits, labels, weights, label_smoothing=eps)
+    torch.testing.assert_close(per_sample, expected_per_sample)
+    torch.testing.assert_close(loss, (weights * expected_per_sample).sum() / 3)
+    unweighted, _ = caption_loss(logits, labels, label_smoothing=eps)
+    torch.testing.assert_close(unweighted, expected_per_sample.mean())
+
+
+def test_caption_loss_ignores_zero_weight_samples_and_gives_them_no_gradient():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    labels = torch.tensor([[1, 2, -100], [3, 4, 0]])
+    loss, per_sample = caption_loss(logits, labels, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(loss, per_sample[0] / 2)
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+
+
+def test_pack_sequence_left_packs_and_cuts_concepts_first():
+    caption = torch.tensor([[1, 7, 8, 2, 0], [1, 9, 2, 0, 0]])
+    concepts = torch.tensor([[20, 21, 0], [0, 0, 0]])
+    ids, valid, n = pack_sequence(caption, caption != 0, concepts, concepts != 0, sep_id=3, pad_id=0, max_len=9)
+    assert ids.tolist() == [[20, 21, 3, 1, 7, 8, 2, 0, 0], [1, 9, 2, 0, 0, 0, 0, 0, 0]]
+    assert n.tolist() == [2, 0] and valid.sum(1).tolist() == [7, 3]
+    ids, _, n = pack_sequence(caption, caption != 0, concepts, concepts != 0, sep_id=3, pad_id=0, max_len=6)
+    assert ids.tolist() == [[20, 3, 1, 7, 8, 2], [1, 9, 2, 0, 0, 0]] and n.tolist() == [1, 0]
+
+
+def test_concept_features_never_see_the_caption():
+    """T_e is causal: the decoder's concept memory is the same with any caption, or with none (generation)."""
+    model = build().eval()
+    batch = make_batch()
+    other = make_batch(seed=1)
+    with torch.no_grad():
+        a = model.text(batch["input_ids"], batch["attention_mask"], batch["concept_ids"], batch["concept_mask"])
+        b = model.text(other["input_ids"], other["attention_mask"], batch["concept_ids"], batch["concept_mask"])
+        empty = batch["input_ids"][:, :0]
+        c = model.text(empty, empty, batch["concept_ids"], batch["concept_mask"])
+    assert a.concept_mask.sum(1).tolist() == [3, 5, 0, 5]
+    for out in (b, c):
+        torch.testing.assert_close(out.concept_mask, a.concept_mask)
+        torch.testing.assert_close(out.concept_features * a.concept_mask[..., None],
+                                   a.concept_features * a.concept_mask[..., None])
+    assert not torch.allclose(a.pooled, b.pooled)
+
+
+def test_concept_dropout_drops_whole_prefix_in_training_only():
+    batch = make_batch()
+    no_concepts = {k: v for k, v in batch.items() if not k.startswith("concept")}
+    model = build(mae=False, mask_ratio=0.0, concept_dropout=1.0)
+    for module in model.modules():  # dropout off, so only the concept handling differs between passes
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        dropped = model.train()(batch)
+        plain = model(no_concepts)
+        used = model.eval()(batch)
+    torch.testing.assert_close(dropped["text_features"], plain["text_features"])
+    torch.testing.assert_close(dropped["caption_logits"], plain["caption_logits"])
+    assert not torch.allclose(used["text_features"][0], plain["text_features"][0])
+    torch.testing.assert_close(used["text_features"][2], plain["text_features"][2])  # sample 2 has none
+
+
+def test_param_groups_exclude_biases_norms_embeddings_and_logit_scale():
+    model = build()
+    decay, no_decay = model.param_groups(0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    decay_ids, no_decay_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    assert not decay_ids & no_decay_ids
+    assert decay_ids | no_decay_ids == {id(p) for p in model.parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[i] for i in decay_ids}
+    excluded = {names[i] for i in no_decay_ids}
+    for name in ("logit_scale.log_scale", "vision.vit.cls_token", "vision.vit.pos_embed", "mae.mask_token",
+                 "text.transformer.embeddings.token_embedding.weight", "decoder.lm.bert.embeddings.word_embeddings"
+                 ".weight", "text.transformer.final_layer_norm.weight", "vision.vit.norm.bias"):
+        assert name in excluded, name
+    assert all(name.endswith("weight") for name in decayed)
+    assert {"image_proj.weight", "vision.vit.patch_embed.proj.weight",
+            "decoder.lm.cls.predictions.decoder.weight"} <= decayed
+    assert not any("norm" in n.lower() or n.endswith("bias") for n in decayed)
+
+
+def test_no_parameter_is_shared_between_modules():
+    model = build()
+    seen = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            assert id(param) not in seen, f"{module_name}.{name} is also {seen[id(param)]}"
+            seen[id(param)] = f"{module_name}.{name}"
+
+
+def test_layer_norm_falls_back_to_torch_and_logs_once(caplog, monkeypatch):
+    assert not layers.apex_available()  # apex is not installed in the test environment
+    model = build()
+    assert not [m for m in model.modules() if type(m) is nn.LayerNorm]
+    norms = [m for m in model.modules() if isinstance(m, layers.LayerNorm)]
+    assert len(norms) > 10  # ViT, CLIP text, BERT decoder and MAE norms all converted
+    monkeypatch.setattr(layers, "layer_norm_backend", None)
+    with caplog.at_level(logging.INFO, logger="nlip_ds.model.layers"):
+        model(make_batch())
+        model(make_batch())
+    assert [r.getMessage() for r in caplog.records if "LayerNorm" in r.getMessage()] == [
+        "LayerNorm: torch (apex not installed)"]
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(norms[0](x), F.layer_norm(x, (64,), norms[0].weight, norms[0].bias, norms[0].eps))
+
+
+def test_layer_norm_with_apex_uses_torch_on_cpu_inputs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(layers, "_APEX_LAYER_NORM", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(layers, "layer_norm_backend", None)
+    norm = layers.LayerNorm(8)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps))
+    assert calls == [] and layers.layer_norm_backend == "torch"
+
+
+def test_mae_patchify_order_and_masked_only_loss():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    patches = patchify(images, 2)  # (B, 4, 2*2*3)
+    assert patches.shape == (2, 4, 12)
+    assert patches[0, 1, :3].tolist() == images[0, :, 0, 2].tolist()  # patch (row 0, col 1), top-left pixel
+    assert patches[0, 2, :3].tolist() == images[0, :, 2, 0].tolist()  # patch (row 1, col 0)
+    target = torch.randn(1, 4, 12)
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    pred = normed.clone()
+    pred[0, 0] += 1.0  # wrong only on patch 0
+    assert reconstruction_loss(pred, target, torch.tensor([[0.0, 1, 1, 0]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert reconstruction_loss(pred, target, torch.tensor([[1.0, 0, 0, 0]])).item() == pytest.approx(1.0)
+
+
+def test_local_timm_weights_load_and_named_model_is_checked(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = ImageEncoder(VisionConfig())
+    save_file({k: v.contiguous() for k, v in source.vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    torch.manual_seed(1)
+    loaded = ImageEncoder(VisionConfig(pretrained_path=str(tmp_path / "vit.safetensors")))
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images).tokens, source(images).tokens)
+    with pytest.raises(FileNotFoundError, match="model.vision.pretrained_path"):
+        ImageEncoder(VisionConfig(pretrained_path=str(tmp_path / "missing.pth")))
+    with pytest.raises(ValueError, match="model.vision.width"):
+        with torch.device("meta"):
+            ImageEncoder(VisionConfig(name="vit_tiny_patch16_224", image_size=224, patch_size=16, width=64))
+
+
+def test_save_load_round_trip_is_exact_and_needs_no_deepspeed(tmp_path):
+    model = build().eval()
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text('{"fake": true}')
+    export = model.save_pretrained(tmp_path / "export", tokenizer_dir=tokenizer)
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert (export / "tokenizer" / "tokenizer.json").read_text() == '{"fake": true}'
+    assert json.loads((export / "config.json").read_text())["eos_id"] == 2
+    loaded = NLIPModel.from_pretrained(export)
+    assert not loaded.training
+    batch = make_batch()
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    torch.save(a["caption_logits"], tmp_path / "expected.pt")
+    torch.save(batch, tmp_path / "batch.pt")
+    script = (  # a fresh interpreter in which importing deepspeed fails
+        "import sys, torch; sys.modules['deepspeed'] = None\n"
+        "from nlip_ds.model import NLIPModel\n"
+        f"m = NLIPModel.from_pretrained({str(export)!r})\n"
+        f"batch = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(m(batch)['caption_logits'], expected)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def paper_config() -> ModelConfig:
+    """METHOD.md / configs/vit-b32-yfcc26m.yaml: ViT-B/32 at 224 px, CLIP-size text tower, 6-layer decoder."""
+    return ModelConfig(
+        vision=VisionConfig(name="vit_base_patch32_224", image_size=224, patch_size=32, width=768, depth=12,
+                            heads=12, mask_ratio=0.5),
+        text=TextConfig(width=512, depth=12, heads=8, context_length=77),
+        decoder=DecoderConfig(width=512, depth=6, heads=8, max_length=40),
+        mae=MAEConfig(enabled=True, width=512, depth=4, heads=16), embed_dim=512)
+
+
+def test_paper_scale_config_builds_on_meta_with_expected_parameter_count():
+    with torch.device("meta"):
+        model = NLIPModel(paper_config(), vocab_size=49408, pad_id=0, bos_id=49406, eos_id=49407, sep_id=1)
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    assert all(p.is_meta for p in model.parameters())
+    # independent anchors: timm's vit_base_patch32_224 is 88,224,232 with its 769,000-weight ImageNet head;
+    # OpenAI CLIP ViT-B/32's text tower (embeddings, 12 blocks, final norm) is 63,165,952
+    assert counts["vision"] == 88_224_232 - 769_000 == 87_455_232
+    assert counts["text"] == 63_165_952
+    assert counts["decoder"] == 76_809_472  # BERT-6L-512 with cross-attention + memory projections
+    assert counts["mae"] == 14_606_336
+    assert counts["image_proj"] + counts["text_proj"] + counts["logit_scale"] == 768 * 512 + 512 * 512 + 1
+    assert sum(counts.values()) == 242_692_353
