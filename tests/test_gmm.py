@@ -93,6 +93,26 @@ def test_bounds_are_inverted_cdf_quantiles(q, n):
     np.testing.assert_array_equal(fit.bounds, np.asarray(expected, dtype=np.float32))
 
 
+def large_inputs() -> dict[str, torch.Tensor]:
+    """Big enough for the sampled quantile bracket (n >= 8 * 2^16), including inputs that defeat it."""
+    n = 600_001
+    periodic = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 2.0
+    periodic[:: n // 2 ** 16] = 0.0  # the strided sample sees only zeros
+    return {"shuffled": bimodal(n, 0.3), "sorted": bimodal(n, 0.3).sort().values,
+            "ties": torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(1)).float(),
+            "periodic": periodic}
+
+
+@pytest.mark.parametrize("name", ["shuffled", "sorted", "ties", "periodic"])
+def test_sampled_quantile_bracket_is_exact(name, caplog):
+    losses = large_inputs()[name]
+    with caplog.at_level("DEBUG", logger="nlip_ds.noise.gmm"):
+        fit = fit_gmm(losses)
+    expected = np.quantile(losses.numpy(), (0.005, 0.995), method="inverted_cdf")
+    np.testing.assert_array_equal(fit.bounds, expected)
+    assert ("bracket missed" in caplog.text) == (name == "periodic")
+
+
 def test_two_calls_identical():
     losses = bimodal(100_000, 0.3)
     a, b = fit_gmm(losses), fit_gmm(losses)

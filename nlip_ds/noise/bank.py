@@ -16,9 +16,10 @@ Storage (CPU; losses float32, flags int8 with -1 = unknown, epoch of the last up
 layout="auto" starts dense and switches to compact, once and identically on every rank, when the ids stop
 filling at least a quarter of [0, max id] (hashed or otherwise sparse ids).
 
-Host syncs: none beyond the all-gather. On an accelerator the gathered rows are copied to pinned host memory
-without blocking and written into the bank once their copy event has completed (checked without waiting at the
-next update; every read waits for all of them).
+Host syncs: none beyond the all-gather. On CUDA the gathered rows are copied to pinned host memory without
+blocking and written into the bank once their copy event has completed (checked without waiting at the next
+update; every read waits for all of them). Other devices copy synchronously; on the CPU (gloo) there is nothing
+to wait for.
 """
 from __future__ import annotations
 
