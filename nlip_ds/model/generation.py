@@ -65,12 +65,10 @@ def repetition_penalty(logits: torch.Tensor, generated: torch.Tensor, penalty: f
 
 def process_logits(logits: torch.Tensor, generated: torch.Tensor, step: int, opts: GenerationOptions,
                    ids: SpecialIds) -> torch.Tensor:
-    """float32 logits (N, V) with the repetition penalty, banned tokens and the minimum length applied."""
+    """A float32 copy of the logits (N, V) with the repetition penalty, banned tokens and minimum length applied."""
     logits = repetition_penalty(logits.float(), generated, opts.repetition_penalty)
     banned = list(ids.banned) + ([ids.eos] if step < opts.min_tokens else [])
-    if banned:
-        logits[:, banned] = float("-inf")
-    return logits
+    return logits.index_fill(1, torch.tensor(banned, dtype=torch.long, device=logits.device), float("-inf"))
 
 
 def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
