@@ -76,17 +76,18 @@ def convert_layer_norms(module: nn.Module) -> int:
 class LogitScale(nn.Module):
     """The learnable temperature as its own module, so ZeRO-3 gathers it when it is called.
 
-    Stores log(scale); forward returns exp(log_scale) clamped at `max_scale` (a 0-dim tensor, differentiable
-    below the clamp), as CLIP does.
+    Stores log(scale) as a (1,) parameter (DeepSpeed's zero.Init cannot partition 0-dim parameters); forward
+    returns exp(log_scale) clamped at `max_scale` as a 0-dim tensor, differentiable below the clamp, as CLIP
+    does.
     """
 
     def __init__(self, init: float, max_scale: float):
         super().__init__()
         self.max_scale = float(max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(float(init)).log())
+        self.log_scale = nn.Parameter(torch.tensor([float(init)]).log())  # (1,)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp().clamp(max=self.max_scale)[0]
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
