@@ -1,0 +1,155 @@
+"""`nlip-ds data synth | shards | inspect`: make and look at the shards training reads.
+
+The `nlip-ds` entry point calls `add_subcommands(subparsers)`; `python -m nlip_ds.data.cli data ...` runs the
+same commands alone. Each command's `func(args)` returns the exit status: a bad path or argument prints one
+`error:` line on stderr (no traceback) and returns 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from nlip_ds.data import shards, synthetic
+
+logger = logging.getLogger(__name__)
+
+USER_ERRORS = (OSError, ValueError)
+
+
+def _progress_bar(total: Optional[int], unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"nlip-ds data {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    total = args.num_samples + 2 * round(0.2 * args.num_samples)
+    try:
+        with _progress_bar(total, "samples") as bar:
+            summary = synthetic.synthesize(
+                args.out, args.num_samples, incorrect_rate=args.incorrect_rate,
+                incomplete_rate=args.incomplete_rate, seed=args.seed, image_size=args.image_size,
+                shard_size=args.shard_size, overwrite=args.overwrite, progress=bar.update)
+    except USER_ERRORS as exc:
+        return _fail("synth", exc)
+    print(_synth_text(summary))
+    return 0
+
+
+def _synth_text(summary: dict) -> str:
+    lines = [f"synthetic dataset in {summary['out_dir']}"]
+    for name, split in summary["splits"].items():
+        noise = ", ".join(f"{k} {v}" for k, v in split["noise_types"].items() if v)
+        lines.append(f"  {name:5s} {split['num_samples']:7d} samples  {split['num_shards']:4d} shards  ids from "
+                     f"{split['first_id']}  ({noise})  {split['pattern']}")
+    lines.append(f"  classes: {' '.join(summary['classes'])}")
+    return "\n".join(lines)
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    source = args.input or args.image_folder
+    convert = shards.convert_jsonl if args.input else shards.convert_image_folder
+    if not Path(source).exists():
+        return _fail("shards", FileNotFoundError(f"{source} does not exist"))
+    try:
+        with _progress_bar(None, "items") as bar:
+            report = convert(source, args.out, args.shard_size, split=args.split, start_id=args.start_id,
+                             overwrite=args.overwrite, progress=bar.update)
+    except USER_ERRORS as exc:
+        return _fail("shards", exc)
+    print(f"wrote {report['num_samples']} samples in {len(report['shards'])} shards to "
+          f"{Path(args.out) / args.split}; skipped {report['num_skipped']}"
+          + "".join(f"\n  {reason}: {n}" for reason, n in report["skipped_by_reason"].items())
+          + f"\nreport: {Path(args.out) / shards.REPORT_FILE}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    target = args.path
+    if not Path(target).exists() and not any(c in target for c in "{:"):
+        return _fail("inspect", FileNotFoundError(f"{target} does not exist"))
+    try:
+        summary = shards.inspect(target, max_examples=args.examples)
+    except USER_ERRORS as exc:
+        return _fail("inspect", exc)
+    print(json.dumps(summary, indent=1, ensure_ascii=False) if args.json else shards.format_inspect(summary))
+    return 0
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate synthetic noisy image-text shards with ground truth",
+                       description="Draw scenes of 1-3 coloured shapes with captions, add incorrect and "
+                       "incomplete captions to the train split at exact rates (val and test stay clean), and "
+                       "write OUT/{train,val,test}/ shards plus classes.txt, concepts.txt and dataset.json.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-samples", type=int, required=True, help="training samples (val and test: 20%% each)")
+    p.add_argument("--incorrect-rate", type=float, default=0.3, help="share of train captions taken from "
+                   "another image (default 0.3)")
+    p.add_argument("--incomplete-rate", type=float, default=0.2, help="share of train captions that omit "
+                   "objects or are web-style strings (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--shard-size", type=int, default=synthetic.DEFAULT_SHARD_SIZE,
+                   help=f"samples per shard (default {synthetic.DEFAULT_SHARD_SIZE})")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in OUT")
+    p.set_defaults(func=run_synth)
+
+
+def _add_shards(sub) -> None:
+    p = sub.add_parser("shards", help="convert image-caption pairs into webdataset shards",
+                       description="Convert a JSONL of {\"image\": path, \"caption\": text} lines (paths relative "
+                       "to the JSONL's folder) or a folder of images with <name>.txt captions into "
+                       "OUT/SPLIT/SPLIT-NNNNNN.tar shards. Bad items are skipped and listed in OUT/report.json.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", metavar="PAIRS.jsonl", help="JSONL file of image-caption pairs")
+    src.add_argument("--image-folder", metavar="DIR", help="folder of images with .txt sidecar captions")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--shard-size", type=int, default=shards.DEFAULT_SHARD_SIZE,
+                   help=f"samples per shard (default {shards.DEFAULT_SHARD_SIZE})")
+    p.add_argument("--split", default="train", help="split name: sub-folder and shard prefix (default train)")
+    p.add_argument("--start-id", type=int, default=0, help="first sample id, to keep ids unique across "
+                   "splits (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of the same split in OUT")
+    p.set_defaults(func=run_shards)
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarize shards: counts, caption lengths, noise types, examples",
+                       description="Summarize a dataset folder (with split sub-folders), one split folder, "
+                       "a .tar file or a brace pattern of shards.")
+    p.add_argument("path", metavar="DIR_OR_SHARDS", help="folder, .tar file or brace pattern")
+    p.add_argument("--examples", type=int, default=3, help="examples shown per split (default 3)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run_inspect)
+
+
+def add_subcommands(subparsers) -> argparse.ArgumentParser:
+    """Register `data` with its `synth`, `shards` and `inspect` subcommands; returns the `data` parser."""
+    data = subparsers.add_parser("data", help="make and inspect training shards",
+                                 description="Make and inspect the webdataset shards that training reads.")
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,shards,inspect}", required=True)
+    _add_synth(sub)
+    _add_shards(sub)
+    _add_inspect(sub)
+    return data
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="nlip-ds", description="nlip-ds data commands")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
