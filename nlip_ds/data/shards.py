@@ -460,8 +460,8 @@ def inspect(path_or_pattern, max_examples: int = 3) -> dict:
     if target.is_dir():
         splits = _split_folders(target)
     else:
-        splits = {target.stem if target.suffix == ".tar" else "shards": [p for src in expand_pattern(
-            str(path_or_pattern)) for p in src]}
+        name = target.stem if target.is_file() else "shards"
+        splits = {name: [p for source in expand_pattern(str(path_or_pattern)) for p in source]}
     return {"path": str(path_or_pattern),
             "splits": {name: _inspect_shards(paths, max_examples) for name, paths in splits.items()}}
 

@@ -56,7 +56,8 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 1024) -> Pa
     """Train a lowercase WordPiece tokenizer on `texts` and save it into `out_dir`; returns the folder."""
     tok = _new_rust_tokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        min_frequency=1, show_progress=False)
+                                        min_frequency=1, show_progress=False,
+                                        initial_alphabet=[CONCEPT_SEPARATOR.strip()])  # never [UNK]
     tok.train_from_iterator((t for t in texts if t), trainer=trainer)
     if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise ValueError("cannot train a tokenizer: no text was given")
