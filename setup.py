@@ -4,6 +4,8 @@ The fused contrastive-loss extension (kernels/) is added to `ext_modules` by the
 Install with `pip install --no-build-isolation -e .` so the extension builds against the torch already in the
 environment (an isolated build would pull a second torch).
 """
+import os
+
 from setuptools import find_packages, setup
 
 # torch===2.13.0 (three '=') selects the registry's standard build: it runs on the CPU and has the CUDA
@@ -33,6 +35,53 @@ TEST_REQUIRES = [
     "hypothesis>=6.100",
 ]
 
+# ---- kernel build section (fused contrastive loss, kernels/) ----------------------------------------------
+# nlip_ds._C_cpu always; nlip_ds._C_cuda too when torch is a CUDA build and CUDA_HOME has nvcc. Switches:
+#   NLIP_DS_SKIP_EXT_BUILD=1   build no extension (the package compiles them just in time on first use)
+#   NLIP_DS_SKIP_CUDA_BUILD=1  build the CPU extension only
+#   TORCH_CUDA_ARCH_LIST       CUDA archs (default "8.0;9.0+PTX"); MAX_JOBS  parallel compile jobs (ninja)
+# The build description lives in nlip_ds/ops/extension.py (shared with the just-in-time loader); it is loaded
+# by path because the package is not importable before it is installed.
+
+
+def _load_extension_spec():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "nlip_ds" / "ops" / "extension.py"
+    spec = importlib.util.spec_from_file_location("_nlip_ds_extension_spec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_extensions():
+    """(ext_modules, cmdclass) for setup(); empty when skipped or when torch is not importable."""
+    if os.environ.get("NLIP_DS_SKIP_EXT_BUILD") == "1":
+        print("nlip-ds: NLIP_DS_SKIP_EXT_BUILD=1, no extension built (compiled just in time on first use)")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("nlip-ds: torch is not importable (install with --no-build-isolation); no extension built")
+        return [], {}
+    spec = _load_extension_spec()
+    extensions = [CppExtension(**spec.extension_kwargs("cpu"))]
+    if os.environ.get("NLIP_DS_SKIP_CUDA_BUILD") == "1":
+        print("nlip-ds: NLIP_DS_SKIP_CUDA_BUILD=1, CPU extension only")
+    elif spec.cuda_toolkit() is None:
+        print("nlip-ds: no CUDA toolkit (CUDA_HOME with bin/nvcc) or a CPU-only torch; CPU extension only")
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = spec.cuda_arch_list()
+        print(f"nlip-ds: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        extensions.append(CUDAExtension(**spec.extension_kwargs("cuda")))
+    return extensions, {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = get_extensions()
+# ---- end of kernel build section --------------------------------------------------------------------------
+
+
 setup(
     name="nlip-ds",
     version="0.1.0",
@@ -43,4 +92,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["nlip-ds = nlip_ds.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )
