@@ -550,10 +550,11 @@ class Loader:
         self.epoch = state["epoch"]
 
     def stats(self) -> dict:
-        """This epoch so far: batches, samples, pad samples and skipped items by reason."""
+        """This epoch so far: batches, samples, pad samples (of which `extra_pads` replace samples lost to
+        corruption) and skipped items by reason."""
         p = self._progress or self._resume or Progress(self.epoch, self.spec.streams)
         return {"epoch": p.epoch, "batches": p.batches, "samples": p.samples, "pad_samples": p.pads,
-                "skipped": dict(sorted(p.skipped.items()))}
+                "extra_pads": p.extra_pads, "skipped": dict(sorted(p.skipped.items()))}
 
 
 # ------------------------------------------------------------------------------------------------ building
