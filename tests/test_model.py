@@ -99,6 +99,7 @@ def test_eval_mode_has_no_mask_and_no_mae_loss_and_matches_encoders():
 def test_patch_masking_keeps_the_requested_share(ratio):
     torch.manual_seed(0)
     encoder = ImageEncoder(VisionConfig())
+    encoder.init_weights()
     images = torch.randn(3, 3, 32, 32)
     out = encoder(images, ratio, torch.Generator().manual_seed(1))
     keep = int(16 * (1 - ratio))
@@ -274,13 +275,15 @@ def test_local_timm_weights_load_and_named_model_is_checked(tmp_path):
 
     torch.manual_seed(0)
     source = ImageEncoder(VisionConfig())
+    source.init_weights()
     save_file({k: v.contiguous() for k, v in source.vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     torch.manual_seed(1)
     loaded = ImageEncoder(VisionConfig(pretrained_path=str(tmp_path / "vit.safetensors")))
+    loaded.init_weights()
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(images).tokens, source(images).tokens)
     with pytest.raises(FileNotFoundError, match="model.vision.pretrained_path"):
-        ImageEncoder(VisionConfig(pretrained_path=str(tmp_path / "missing.pth")))
+        ImageEncoder(VisionConfig(pretrained_path=str(tmp_path / "missing.pth"))).init_weights()
     with pytest.raises(ValueError, match="model.vision.width"):
         with torch.device("meta"):
             ImageEncoder(VisionConfig(name="vit_tiny_patch16_224", image_size=224, patch_size=16, width=64))
@@ -340,3 +343,26 @@ def test_paper_scale_config_builds_on_meta_with_expected_parameter_count():
     assert counts["mae"] == 14_606_336
     assert counts["image_proj"] + counts["text_proj"] + counts["logit_scale"] == 768 * 512 + 512 * 512 + 1
     assert sum(counts.values()) == 242_692_353
+
+
+def test_init_weights_sets_every_parameter():
+    """Construction with init_weights=False leaves memory uninitialized: init_weights() must cover it all."""
+    torch.manual_seed(0)
+    model = NLIPModel(tiny_config(), init_weights=False, **SPECIAL)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    model.init_weights()
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+        assert param.abs().max() < 5, name
+    assert model.logit_scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
+def test_init_weights_refuses_partitioned_parameters():
+    model = build()
+    model.text_proj.weight.data = torch.empty(0)  # what DeepSpeed's zero.Init leaves outside a gather
+    with pytest.raises(RuntimeError, match="init_weights=False"):
+        model.init_weights()

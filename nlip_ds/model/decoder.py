@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertLMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.initialization import no_init_weights
+from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 from nlip_ds.config import DecoderConfig
-from nlip_ds.model.layers import convert_layer_norms, masked_mean
+from nlip_ds.model.layers import convert_layer_norms, init_transformers_weights, masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ class DecoderMemory(nn.Module):
         self.image = nn.Linear(vision_width, width)
         self.concepts = nn.Linear(text_width, width)
 
+    def init_weights(self) -> None:
+        self.image.reset_parameters()
+        self.concepts.reset_parameters()
+
     def forward(self, image_tokens: torch.Tensor, concept_features: torch.Tensor,
                 concept_mask: torch.Tensor):
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
@@ -82,12 +88,19 @@ class CaptionDecoder(nn.Module):
             max_position_embeddings=cfg.max_length, type_vocab_size=1, pad_token_id=pad_id,
             is_decoder=True, add_cross_attention=True, tie_word_embeddings=False)
         self.memory = DecoderMemory(vision_width, text_width, cfg.width)
-        self.lm = BertLMHeadModel(self.bert_config)
+        with no_init_weights():  # init_weights() initializes (see NLIPModel.init_weights)
+            self.lm = BertLMHeadModel(self.bert_config)
         # BERT keeps a second output bias that its forward never reads (it is tied to the output layer's bias
         # only when embeddings are tied); a parameter that never gets a gradient is dropped
         self.lm.cls.predictions.register_parameter("bias", None)
         convert_layer_norms(self.lm)
         self.max_length = cfg.max_length
+
+    def init_weights(self) -> None:
+        """BERT's own initialization; its prediction head only zeroed the output bias dropped above, and the
+        output layer's own bias is zeroed as any Linear's."""
+        self.memory.init_weights()
+        init_transformers_weights(self.lm, skip=(BertLMPredictionHead,))
 
     def new_cache(self) -> EncoderDecoderCache:
         """An empty key/value cache for generation (self-attention and cross-attention parts)."""

@@ -1,5 +1,5 @@
 """Small building blocks shared by the NLIP modules: the LayerNorm that uses apex when it can, the learnable
-logit scale, and the masked-mean helpers.
+logit scale, weight initialization of transformers models, and the masked-mean helpers.
 
 Why a LayerNorm subclass instead of swapping in `apex.normalization.FusedLayerNorm` modules: the kernel choice
 is made per call from the input's device, so one model object is correct on CPU (tests, export, inference
@@ -9,6 +9,7 @@ change that keeps its parameters (which matters when ZeRO-3 has already partitio
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -73,6 +74,19 @@ def convert_layer_norms(module: nn.Module) -> int:
     return changed
 
 
+@torch.no_grad()
+def init_transformers_weights(model: nn.Module, skip: tuple = ()) -> None:
+    """Run a transformers model's own per-module initializer (`_init_weights`) on every submodule but `skip`.
+
+    The encoders build their transformers models with initialization switched off and call this from their
+    init_weights(), so that one code path initializes both a plain model and one whose parameters DeepSpeed's
+    zero.Init partitioned at construction (then gathered around the init_weights() call).
+    """
+    for module in model.modules():
+        if not isinstance(module, skip):
+            model._init_weights(module)
+
+
 class LogitScale(nn.Module):
     """The learnable temperature as its own module, so ZeRO-3 gathers it when it is called.
 
@@ -83,8 +97,12 @@ class LogitScale(nn.Module):
 
     def __init__(self, init: float, max_scale: float):
         super().__init__()
-        self.max_scale = float(max_scale)
-        self.log_scale = nn.Parameter(torch.tensor([float(init)]).log())  # (1,)
+        self.init, self.max_scale = float(init), float(max_scale)
+        self.log_scale = nn.Parameter(torch.tensor([self.init]).log())  # (1,)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.log_scale.fill_(math.log(self.init))
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)[0]

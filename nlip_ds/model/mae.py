@@ -54,6 +54,16 @@ class MAEDecoder(nn.Module):
                                             norm_layer=LayerNorm) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width)
         self.pred = nn.Linear(cfg.width, patch_size * patch_size * in_chans)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """MAE's init: Xavier-uniform Linear weights, zero biases, unit norms, small token and position init."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 

@@ -42,12 +42,13 @@ SPECIAL_KEYS = ("vocab_size", "pad_id", "bos_id", "eos_id", "sep_id")
 
 class NLIPModel(nn.Module):
     def __init__(self, model_cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
-                 sep_id: int, load_pretrained: bool = True):
-        """`load_pretrained=False` skips model.vision.pretrained_path (from_pretrained loads all weights)."""
+                 sep_id: int, init_weights: bool = True):
+        """`init_weights=False` leaves the weights unset (some uninitialized) for a caller that loads them all
+        (from_pretrained) or that builds under DeepSpeed's zero.Init and then runs init_weights() itself."""
         super().__init__()
         self.config = model_cfg
         self.special = dict(vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, sep_id=sep_id)
-        self.vision = ImageEncoder(model_cfg.vision, load_pretrained=load_pretrained)
+        self.vision = ImageEncoder(model_cfg.vision)
         self.text = TextEncoder(model_cfg.text, vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id,
                                 eos_id=eos_id, sep_id=sep_id)
         self.decoder = CaptionDecoder(model_cfg.decoder, vocab_size=vocab_size, pad_id=pad_id,
@@ -58,6 +59,30 @@ class NLIPModel(nn.Module):
         self.image_proj = nn.Linear(self.vision.width, model_cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, model_cfg.embed_dim, bias=False)
         self.logit_scale = LogitScale(model_cfg.logit_scale_init, model_cfg.logit_scale_max)
+        if init_weights:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, load_pretrained: bool = True) -> None:
+        """Initialize every weight (each module's own scheme), then load model.vision.pretrained_path if set.
+
+        Separate from construction because the third-party modules initialize children from their parents'
+        __init__, which DeepSpeed's zero.Init (partitioning each module as its __init__ ends) breaks. Under
+        zero.Init: build with init_weights=False, then call this inside
+        `deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)`.
+        """
+        if any(p.numel() == 0 for p in self.parameters()):
+            raise RuntimeError("NLIPModel.init_weights: parameters are partitioned (built under DeepSpeed "
+                               "zero.Init?); build with init_weights=False and call init_weights() with the "
+                               "parameters gathered (deepspeed.zero.GatheredParameters, modifier_rank=0)")
+        self.vision.init_weights(load_pretrained)
+        self.text.init_weights()
+        self.decoder.init_weights()
+        if self.mae is not None:
+            self.mae.init_weights()
+        nn.init.normal_(self.image_proj.weight, std=self.vision.width ** -0.5)  # CLIP's projection init
+        nn.init.normal_(self.text_proj.weight, std=self.text.width ** -0.5)
+        self.logit_scale.reset_parameters()
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, tokenizer) -> "NLIPModel":
@@ -202,6 +227,6 @@ class NLIPModel(nn.Module):
             raise ValueError(f"{config_path}: format_version {meta.get('format_version')!r}, expected "
                              f"{FORMAT_VERSION}")
         model_cfg = from_dict({"model": meta["model"]}).model
-        model = cls(model_cfg, load_pretrained=False, **{key: meta[key] for key in SPECIAL_KEYS})
+        model = cls(model_cfg, init_weights=False, **{key: meta[key] for key in SPECIAL_KEYS})
         model.load_state_dict(load_file(str(model_dir / WEIGHTS_NAME)), strict=True)
         return model.to(map_location).eval()

@@ -16,21 +16,23 @@ are cut first (the caption is what the contrastive loss is about), then the capt
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+from transformers.initialization import no_init_weights
 
 from nlip_ds.config import TextConfig
-from nlip_ds.model.layers import convert_layer_norms
+from nlip_ds.model.layers import convert_layer_norms, init_transformers_weights
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TextOutput:
+class TextOutput(NamedTuple):
+    """A NamedTuple so DeepSpeed's ZeRO-3 module hooks can find the tensors in it (dataclasses they cannot)."""
+
     pooled: torch.Tensor            # (B, D) final-norm feature at the last packed token
     tokens: torch.Tensor            # (B, S, D) features of the packed sequence
     token_mask: torch.Tensor        # (B, S) bool, valid packed positions
@@ -63,6 +65,18 @@ def pack_sequence(input_ids: torch.Tensor, attention_mask: torch.Tensor, concept
     return ids.masked_fill(~valid, pad_id), valid, n_concepts
 
 
+class _PartitionSafeEmbeddings(CLIPTextEmbeddings):
+    """CLIPTextEmbeddings without its length check on `position_embedding.weight.shape`: under ZeRO-3 that
+    weight is empty outside the position embedding's own forward, so the check fails on multi-rank runs
+    (huggingface/diffusers#10925). pack_sequence already bounds the length by context_length."""
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = self.position_ids[:, : input_ids.shape[-1]]
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)  # (B, S, D)
+
+
 class TextEncoder(nn.Module):
     """T_e: (caption, optional concept prefix) -> TextOutput."""
 
@@ -74,11 +88,17 @@ class TextEncoder(nn.Module):
             num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
             max_position_embeddings=cfg.context_length, hidden_act="quick_gelu",
             pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
-        self.transformer = CLIPTextModel(config)
+        with no_init_weights():  # init_weights() initializes (see NLIPModel.init_weights)
+            self.transformer = CLIPTextModel(config)
+        self.transformer.embeddings.__class__ = _PartitionSafeEmbeddings  # adds no state, changes forward only
         convert_layer_norms(self.transformer)
         self.width = cfg.width
         self.context_length = cfg.context_length
         self.pad_id, self.sep_id = pad_id, sep_id
+
+    def init_weights(self) -> None:
+        """CLIP's own initialization of the text transformer."""
+        init_transformers_weights(self.transformer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 concept_ids: Optional[torch.Tensor] = None,

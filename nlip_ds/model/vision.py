@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import timm
 import torch
@@ -28,8 +27,9 @@ from nlip_ds.model.layers import LayerNorm
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class VisionOutput:
+class VisionOutput(NamedTuple):
+    """A NamedTuple so DeepSpeed's ZeRO-3 module hooks can find the tensors in it (dataclasses they cannot)."""
+
     pooled: torch.Tensor                 # (B, D) class token after the final norm
     tokens: torch.Tensor                 # (B, P + L_keep, D) prefix (class) tokens first, then kept patches
     mask: Optional[torch.Tensor]         # (B, L) 1 = patch dropped, in original patch order; None if unmasked
@@ -90,8 +90,11 @@ def _check_named_vit(vit: nn.Module, cfg: VisionConfig) -> None:
 
 
 def build_vit(cfg: VisionConfig) -> VisionTransformer:
-    """The timm ViT without classifier head or pooling (forward returns all tokens), never downloading."""
-    common = dict(num_classes=0, global_pool="", img_size=cfg.image_size, norm_layer=LayerNorm)
+    """The timm ViT without classifier head or pooling (forward returns all tokens), never downloading.
+
+    timm's weight init is skipped here and run by ImageEncoder.init_weights() (see NLIPModel.init_weights).
+    """
+    common = dict(num_classes=0, global_pool="", img_size=cfg.image_size, norm_layer=LayerNorm, weight_init="skip")
     if cfg.name == "vit_custom":
         return VisionTransformer(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
                                  num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, **common)
@@ -128,7 +131,7 @@ def load_timm_weights(vit: VisionTransformer, path: str | Path) -> None:
 class ImageEncoder(nn.Module):
     """V_e: images (B, 3, H, W) -> VisionOutput (pooled class token, tokens, mask)."""
 
-    def __init__(self, cfg: VisionConfig, load_pretrained: bool = True):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.vit = build_vit(cfg)
         self.vit.patch_drop = PatchMasker(self.vit.num_prefix_tokens)
@@ -136,8 +139,16 @@ class ImageEncoder(nn.Module):
         self.num_patches = self.vit.patch_embed.num_patches
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.vit.num_prefix_tokens
-        if cfg.pretrained_path and load_pretrained:
-            load_timm_weights(self.vit, cfg.pretrained_path)
+        self.pretrained_path = cfg.pretrained_path
+
+    @torch.no_grad()
+    def init_weights(self, load_pretrained: bool = True) -> None:
+        """timm's default ViT init (class token, position embedding, truncated-normal Linear layers), then the
+        local weights of model.vision.pretrained_path when set."""
+        self.vit.weight_init_mode = ""  # "skip" at construction left "reset"; "" selects timm's default init
+        self.vit.init_weights()
+        if self.pretrained_path and load_pretrained:
+            load_timm_weights(self.vit, self.pretrained_path)
 
     def forward(self, images: torch.Tensor, mask_ratio: float = 0.0,
                 generator: Optional[torch.Generator] = None) -> VisionOutput:
