@@ -61,6 +61,7 @@ class DecoderConfig:
     heads: int = opt(2, "attention heads (must divide width)", lo=1)
     max_length: int = opt(32, "maximum caption tokens", lo=4, hi=1024)
     label_smoothing: float = opt(0.1, "label smoothing of the caption cross-entropy", lo=0.0, hi=0.5)
+    dropout: float = opt(0.1, "dropout in the decoder's attention and MLP (BERT/BLIP default)", lo=0.0, hi=0.9)
     loss_weight: float = opt(1.0, "alpha: weight of the caption loss L_LM in the total", lo=0.0)
 
 

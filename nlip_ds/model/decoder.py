@@ -86,7 +86,8 @@ class CaptionDecoder(nn.Module):
             vocab_size=vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.depth,
             num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width,
             max_position_embeddings=cfg.max_length, type_vocab_size=1, pad_token_id=pad_id,
-            is_decoder=True, add_cross_attention=True, tie_word_embeddings=False)
+            is_decoder=True, add_cross_attention=True, tie_word_embeddings=False,
+            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
         self.memory = DecoderMemory(vision_width, text_width, cfg.width)
         with no_init_weights():  # init_weights() initializes (see NLIPModel.init_weights)
             self.lm = BertLMHeadModel(self.bert_config)

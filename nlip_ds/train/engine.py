@@ -91,19 +91,13 @@ def init_distributed(cfg: Config) -> None:
                                verbose=False)
 
 
-def zero_init_context(cfg: Config, ds_config: dict):
-    """Under ZeRO-3, build the model already partitioned so no rank ever holds all of a large model."""
-    import contextlib
-
-    import deepspeed
-
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
-        return deepspeed.zero.Init(config_dict_or_path=ds_config)
-    return contextlib.nullcontext()
-
-
 def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps: int):
-    """One DeepSpeed engine over the task module (model + losses)."""
+    """One DeepSpeed engine over the task module (model + losses); under ZeRO-3 this partitions every parameter.
+
+    The model is built whole on each rank first, not under deepspeed.zero.Init: transformers re-initializes
+    weights after construction (post_init), which indexes parameters zero.Init has already partitioned away.
+    NLIP-scale models (ViT-B/32 + text encoder + decoder, about 0.3B parameters) fit in host memory per rank.
+    """
     import deepspeed
 
     optimizer = build_optimizer(task.param_groups(cfg.optim.weight_decay), cfg.optim)

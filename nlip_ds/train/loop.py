@@ -40,8 +40,7 @@ def train(cfg: Config) -> dict:
     tokenizer = build_tokenizer(cfg)
     loaders = build_loaders(cfg, tokenizer, topo)
     ds_config = E.build_ds_config(cfg, topo.world_size)
-    with E.zero_init_context(cfg, ds_config):
-        model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer)
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
     engine = E.initialize(NLIPTask(model, cfg), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
     state = RunState.create(loaders["train"].num_samples_hint)
@@ -60,29 +59,38 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
     batch = cfg.train.micro_batch_size * topo.world_size
     progress = Progress(total, batch, enabled=topo.is_main and cfg.monitor.progress, start_step=state.step)
     acc = MetricAccumulator()
-    while state.epoch < cfg.train.epochs:
-        loader.set_epoch(state.epoch)
-        if not cfg.noise.refit_every:
-            state.bank.set_epoch(state.epoch)
-        if should_refit_at_epoch(cfg, state):
-            refit(cfg, state, sink)
+    while state.epoch < cfg.train.epochs and not reached_max_steps(engine, cfg):
+        start_epoch(cfg, state, loader, sink)
         for batch_ in loader:
             train_step(engine, cfg, state, batch_, acc)
             if state.step % cfg.monitor.log_every == 0:
                 log_step(engine, state, acc, sink, progress)
             if should_refit_in_epoch(cfg, state):
                 refit(cfg, state, sink)
+            if reached_max_steps(engine, cfg):
+                break
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 save(engine, cfg, state, loader)
-            if cfg.train.max_steps and engine.global_steps >= cfg.train.max_steps:
-                break
-        state.epoch += 1
+        else:
+            state.epoch += 1
         save(engine, cfg, state, loader)
-        if cfg.train.max_steps and engine.global_steps >= cfg.train.max_steps:
-            break
     if acc.count:
         log_step(engine, state, acc, sink, progress)
     progress.close()
+
+
+def start_epoch(cfg: Config, state: RunState, loader, sink: MetricSink) -> None:
+    """Position the loader (unless a resume already put it mid-epoch) and refit the GMM when it is due."""
+    if loader.epoch != state.epoch or loader.position == 0:
+        loader.set_epoch(state.epoch)
+    if not cfg.noise.refit_every:
+        state.bank.set_epoch(state.epoch)
+    if should_refit_at_epoch(cfg, state):
+        refit(cfg, state, sink)
+
+
+def reached_max_steps(engine, cfg: Config) -> bool:
+    return bool(cfg.train.max_steps) and engine.global_steps >= cfg.train.max_steps
 
 
 def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAccumulator") -> None:
