@@ -34,7 +34,6 @@ import itertools
 import logging
 import math
 import random
-import tarfile
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
@@ -43,8 +42,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nlip_ds.data.samples import SampleError, collate, crop_rng, decode_sample, eval_transform, take, \
-    train_transform
+from nlip_ds.data.samples import SampleError, SkipCounter, collate, crop_rng, decode_sample, eval_transform, \
+    gather, train_transform
 from nlip_ds.data.shards import Shard, expand_pattern, shard_counts
 from nlip_ds.data.tokenizer import Tokenizer
 
@@ -138,52 +137,6 @@ def plan_resampled(spec: LoaderSpec) -> EpochPlan:
                      num_batches)
 
 
-# ------------------------------------------------------------------------------------------------ skip-and-count
-
-
-def tar_reason(exn: Exception) -> str:
-    if isinstance(exn, (tarfile.TarError, EOFError)):
-        return "corrupt_tar"
-    if isinstance(exn, OSError):
-        return "unreadable_shard"
-    if isinstance(exn, ValueError) and "duplicate" in str(exn):
-        return "duplicate_member"
-    return "tar_error"
-
-
-class SkipCounter:
-    """Counts skipped items by reason and logs them at a decaying rate (1st, 10th, 100th, ... per reason).
-
-    Counts wait in `pending` until the next good sample carries them out (`drain`), so the main process adds
-    them exactly when it consumes that sample: the counts then match the loader's position, also on resume.
-    """
-
-    def __init__(self, where: str):
-        self.where = where
-        self.pending: Counter = Counter()
-        self.totals: Counter = Counter()
-        self.good = 0
-
-    def count(self, reason: str, detail: str) -> None:
-        self.pending[reason] += 1
-        self.totals[reason] += 1
-        n = self.totals[reason]
-        if n == 10 ** int(math.log10(n)):
-            logger.warning("%s: skipped (%s, occurrence %d): %s", self.where, reason, n, detail[:300])
-
-    def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler: count and continue."""
-        self.count(tar_reason(exn), f"{type(exn).__name__}: {exn}")
-        return True
-
-    def drain(self) -> dict:
-        out, self.pending = dict(self.pending), Counter()
-        return out
-
-    def discard(self) -> None:
-        self.pending.clear()
-
-
 # ------------------------------------------------------------------------------------------------ worker stages
 
 
@@ -220,20 +173,24 @@ def _with_pads(src, shards, count: int):
             return
 
 
-def _resume_cursor(src, start: int, counter: SkipCounter, tally: dict):
-    """Number the raw samples in stream order and drop the first `start` (consumed before the checkpoint)
-    without decoding them, together with the skip counts they carried."""
-    position = 0
-    for sample in src:
-        if position < start:
-            counter.discard()
-        else:
-            sample["__pos__"] = position
-            yield sample
-        position += 1
-        tally["raw"] = position
-    if position <= start:
-        counter.discard()
+class ResumeCursor:
+    """Numbers the raw samples in stream order and drops the first `start` (consumed before the checkpoint)
+    without decoding them, together with the skip counts they carried. `position` ends as the stream length."""
+
+    def __init__(self, start: int, counter: SkipCounter):
+        self.start, self.counter, self.position = start, counter, start
+
+    def __call__(self, src):
+        self.position = 0
+        for sample in src:
+            if self.position < self.start:
+                self.counter.discard()
+            else:
+                sample["__pos__"] = self.position
+                yield sample
+            self.position += 1
+        if self.position <= self.start:
+            self.counter.discard()
 
 
 def _decode(src, counter: SkipCounter, max_pixels: int):
@@ -250,7 +207,6 @@ def _decode(src, counter: SkipCounter, max_pixels: int):
 
 
 with_pads = wds.pipelinefilter(_with_pads)
-resume_cursor = wds.pipelinefilter(_resume_cursor)
 decode = wds.pipelinefilter(_decode)
 
 
@@ -269,41 +225,42 @@ class WorkerStart:
 
 
 @dataclass(frozen=True)
-class WorkerInput:
+class WorkerTask:
     """What one worker reads: its shards (exact mode), then `pads` samples from the start of `pad_shards`;
-    in resampled mode, `quota` samples from endless shard draws."""
+    in resampled mode, `quota` samples from endless shard draws. `start` says where it resumes."""
 
     shards: tuple[Shard, ...] = ()
     pad_shards: tuple[Shard, ...] = ()
     pads: int = 0
     quota: Optional[int] = None
+    start: WorkerStart = field(default_factory=WorkerStart)
 
     @classmethod
-    def of(cls, plan: EpochPlan, worker: int) -> "WorkerInput":
+    def of(cls, plan: EpochPlan, worker: int, start: WorkerStart) -> "WorkerTask":
         if plan.quotas[worker] is not None:
-            return cls(quota=plan.quotas[worker])
+            return cls(quota=plan.quotas[worker] - start.delivered, start=start)
         shards = plan.worker_shards[worker]
-        return cls(shards, shards, plan.pads[worker])
+        return cls(shards, shards, plan.pads[worker], start=start)
 
 
-def worker_stages(spec: LoaderSpec, epoch: int, worker: int, todo: WorkerInput, start: WorkerStart,
-                  counter: SkipCounter, tally: dict) -> list:
+def worker_stages(spec: LoaderSpec, epoch: int, worker: int, task: WorkerTask, counter: SkipCounter,
+                  cursor: ResumeCursor) -> list:
     """The stages of one worker's stream up to tokenization, in order."""
     if spec.resampled:
         draws = random.Random(f"nlip-resample/{spec.seed}/{epoch}/{spec.rank}/{worker}")
         shard_list = lambda: resampled_urls(spec, draws, counter)  # noqa: E731
     else:
-        shard_list = lambda: shard_urls(todo.shards)  # noqa: E731
+        shard_list = lambda: shard_urls(task.shards)  # noqa: E731
     shuffle = spec.train and spec.shuffle_buffer > 1
     shuffle_rng = random.Random(f"nlip-samples/{spec.seed}/{epoch}/{spec.rank}/{worker}")
     return [
         shard_list,
         wds.tarfile_to_samples(handler=counter.handler),
-        with_pads(todo.pad_shards, todo.pads) if todo.pads else None,
+        with_pads(task.pad_shards, task.pads) if task.pads else None,
         wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=shuffle_rng) if shuffle else None,
-        resume_cursor(start.pos, counter, tally),
+        cursor,
         decode(counter, spec.max_pixels),
-        wds.slice(todo.quota - start.delivered) if todo.quota is not None else None,
+        wds.slice(task.quota) if task.quota is not None else None,
         wds.map(lambda sample: _transform(spec, epoch, worker, sample)),
         wds.map(lambda sample: _tokenize(spec.tokenizer, spec.context_length, sample)),
     ]
@@ -319,8 +276,7 @@ def _transform(spec: LoaderSpec, epoch: int, worker, sample: dict) -> dict:
 
 
 def _tokenize(tokenizer: Tokenizer, context_length: int, sample: dict) -> dict:
-    ids, mask = tokenizer.encode([sample["caption"]], context_length)  # (1, T) each
-    sample["input_ids"], sample["attention_mask"] = ids[0], mask[0]
+    sample["input_ids"], sample["attention_mask"] = tokenizer.encode_one(sample["caption"], context_length)
     return sample
 
 
@@ -335,14 +291,13 @@ class WorkerStreams(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         counter = SkipCounter(f"{self.spec.split} rank {self.spec.rank} worker {worker}")
-        tally = {"raw": self.starts[worker].pos}
-        stages = worker_stages(self.spec, self.epoch, worker, WorkerInput.of(self.plan, worker),
-                               self.starts[worker], counter, tally)
+        cursor = ResumeCursor(self.starts[worker].pos, counter)
+        task = WorkerTask.of(self.plan, worker, self.starts[worker])
         batched = wds.batched(self.spec.batch_size, collation_fn=chunk_collate, partial=True)
-        for chunk in wds.DataPipeline(*stages, batched):
+        for chunk in wds.DataPipeline(*worker_stages(self.spec, self.epoch, worker, task, counter, cursor), batched):
             chunk["_worker"] = worker
             yield chunk
-        yield {"_worker": worker, "_end": True, "_raw": tally["raw"], "_skips": counter.drain()}
+        yield {"_worker": worker, "_end": True, "_raw": cursor.position, "_skips": counter.drain()}
 
 
 # ------------------------------------------------------------------------------------------------ main process
@@ -410,8 +365,8 @@ class RoundRobinMerge:
         else:
             queue.extend((chunk, i) for i in range(len(chunk["_pos"])))
 
-    def next(self) -> Optional[dict]:
-        """The next sample record, or None when every worker has finished."""
+    def next(self) -> Optional[tuple[dict, int]]:
+        """The next sample as (chunk, index), or None when every worker has finished."""
         p = self.progress
         while not all(p.ended):
             w = p.rr
@@ -425,7 +380,7 @@ class RoundRobinMerge:
                 p.finish(w, index)  # `index` holds the end marker
                 continue
             p.consume(w, chunk, index)
-            return take(chunk, index)
+            return chunk, index
         return None
 
 
@@ -475,15 +430,15 @@ class Loader:
         try:
             while progress.batches < plan.num_batches:
                 size = min(self.spec.batch_size, plan.rank_samples - progress.samples)
-                records = []
+                refs = []
                 for _ in range(size):
-                    record = merge.next()
-                    if record is None:
+                    ref = merge.next()
+                    if ref is None:
                         extra = extra or self._extra_pads(plan, progress)
-                        record = next(extra)
-                    records.append(record)
+                        ref = next(extra)
+                    refs.append(ref)
                 progress.batches, progress.samples = progress.batches + 1, progress.samples + size
-                yield collate(records)
+                yield gather(refs)
         finally:
             chunks.close()
         self._check_skip_rate(progress)
@@ -506,12 +461,12 @@ class Loader:
         spec = replace(self.spec, train=False, resampled=False)
         counter = SkipCounter(f"{spec.split} rank {spec.rank} extra pads")
         needed = progress.extra_pads + plan.rank_samples - progress.samples  # bounds the raw reads
-        todo = WorkerInput(pad_shards=shards, pads=needed)
-        records = wds.DataPipeline(*worker_stages(spec, self.epoch, 0, todo, WorkerStart(), counter, {}))
+        task = WorkerTask(pad_shards=shards, pads=needed)
+        records = wds.DataPipeline(*worker_stages(spec, self.epoch, 0, task, counter, ResumeCursor(0, counter)))
         for record in itertools.islice(records, progress.extra_pads, None):  # those before a resume: used
             progress.extra_pads += 1
             progress.pads += 1
-            yield record
+            yield collate([record]), 0
         raise RuntimeError(f"{self.spec.split}: rank {self.spec.rank} found no readable sample in its shards "
                            f"to fill epoch {self.epoch}")
 

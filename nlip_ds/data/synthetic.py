@@ -39,7 +39,7 @@ COLORS = {
 SIZE_WORDS = {"large": ("large", "big"), "small": ("small", "little")}
 NOISE_CODES = {"clean": 0, "incorrect": 1, "incomplete": 2}
 SPLITS = ("train", "val", "test")
-DEFAULT_SHARD_SIZE = 256
+DEFAULT_SHARD_SIZE = 500  # 4000 samples (the tiny demo) give 8 train shards: 2 ranks x up to 4 workers
 DATASET_FILE = "dataset.json"
 
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ", "there is ")

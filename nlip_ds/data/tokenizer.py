@@ -96,13 +96,18 @@ class Tokenizer:
         # One text at a time: the batch API would start Rust threads, which then warn in forked loader workers.
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def _pad(self, row: list[int], max_length: int) -> tuple[list[int], list[int]]:
+        return row + [self.pad_id] * (max_length - len(row)), [1] * len(row) + [0] * (max_length - len(row))
+
     def _pack(self, rows: list[list[int]], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((len(rows), max_length), self.pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), max_length), dtype=torch.long)  # (B, T)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
+        padded = [self._pad(row, max_length) for row in rows]
+        ids = torch.tensor([p[0] for p in padded], dtype=torch.long).view(len(rows), max_length)  # (B, T)
+        mask = torch.tensor([p[1] for p in padded], dtype=torch.long).view(len(rows), max_length)  # (B, T)
         return ids, mask
+
+    def encode_one(self, text: str, max_length: int) -> tuple[list[int], list[int]]:
+        """One row of `encode` as lists: what the loader's tokenize stage stores per sample."""
+        return self._pad([self.bos_id] + self._pieces(text)[:max_length - 2] + [self.eos_id], max_length)
 
     def encode(self, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both (B, max_length): [BOS] tokens [EOS] then [PAD]."""
