@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -22,6 +23,9 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
                         stream=sys.stderr, force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls torch 2.13's renamed collectives by their old names on every step; the warning
+    # says nothing a user can act on and would flood the log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 class MetricSink:

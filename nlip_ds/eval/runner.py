@@ -13,9 +13,10 @@ logger = logging.getLogger(__name__)
 
 
 def default_class_file(cfg: Config) -> Path:
-    """classes.txt at the dataset root (the folder above the split folder of data.test)."""
-    first_shard = Path(cfg.data.test.split("::")[0])
-    return first_shard.parent.parent / "classes.txt"
+    """classes.txt at the dataset root: the folder above the split folder that data.test names or holds."""
+    first = Path(cfg.data.test.split("::")[0])
+    split_dir = first if first.is_dir() else first.parent
+    return split_dir.parent / "classes.txt"
 
 
 def run_eval(model, cfg: Config, tokenizer, loader) -> dict:

@@ -43,7 +43,7 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg, tokenizer)
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
     engine = E.initialize(NLIPTask(model, cfg), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
-    state = RunState.create(loaders["train"].num_samples_hint)
+    state = RunState.create()
     resume(engine, cfg, state, loaders["train"])
     sink = MetricSink(cfg.train.output_dir, enabled=topo.is_main, tensorboard=cfg.monitor.tensorboard)
     try:
@@ -80,9 +80,8 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
 
 
 def start_epoch(cfg: Config, state: RunState, loader, sink: MetricSink) -> None:
-    """Position the loader (unless a resume already put it mid-epoch) and refit the GMM when it is due."""
-    if loader.epoch != state.epoch or loader.position == 0:
-        loader.set_epoch(state.epoch)
+    """Select the epoch (a position restored by a resume for this epoch is kept) and refit when due."""
+    loader.set_epoch(state.epoch)
     if not cfg.noise.refit_every:
         state.bank.set_epoch(state.epoch)
     if should_refit_at_epoch(cfg, state):

@@ -26,8 +26,8 @@ class RunState:
     final_train: dict = field(default_factory=dict)  # the last logged train/* means
 
     @classmethod
-    def create(cls, num_samples_hint: int) -> "RunState":
-        return cls(bank=LossBank(capacity=num_samples_hint), noise=NoiseState())
+    def create(cls) -> "RunState":
+        return cls(bank=LossBank(), noise=NoiseState())  # the bank grows (dense or compact) as ids arrive
 
     def shared_state(self, config_dict: dict, git_sha: str) -> dict:
         return {"epoch": self.epoch, "step": self.step, "last_refit_epoch": self.last_refit_epoch,
