@@ -38,7 +38,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -146,8 +145,9 @@ def shard_urls(shards) -> Iterator[dict]:
 
 
 def resampled_urls(spec: LoaderSpec, rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
-    """Endless weighted draws of shards; stops the run if a long series of draws yields no good sample."""
-    patience, last_good = 2 * len(spec.shards) + 10, -1
+    """Endless weighted draws of shards; stops the run if a long series of draws yields no good sample (every
+    shard holds a sample, so the shuffle buffer is full and decoding has begun after shuffle_buffer draws)."""
+    patience, last_good = 2 * len(spec.shards) + 10 + spec.shuffle_buffer, -1
     for draw in itertools.count():
         if draw % patience == 0:
             if counter.good == last_good:
@@ -227,20 +227,19 @@ class WorkerStart:
 @dataclass(frozen=True)
 class WorkerTask:
     """What one worker reads: its shards (exact mode), then `pads` samples from the start of `pad_shards`;
-    in resampled mode, `quota` samples from endless shard draws. `start` says where it resumes."""
+    in resampled mode, `quota` more samples from endless shard draws."""
 
     shards: tuple[Shard, ...] = ()
     pad_shards: tuple[Shard, ...] = ()
     pads: int = 0
     quota: Optional[int] = None
-    start: WorkerStart = field(default_factory=WorkerStart)
 
     @classmethod
     def of(cls, plan: EpochPlan, worker: int, start: WorkerStart) -> "WorkerTask":
         if plan.quotas[worker] is not None:
-            return cls(quota=plan.quotas[worker] - start.delivered, start=start)
+            return cls(quota=plan.quotas[worker] - start.delivered)
         shards = plan.worker_shards[worker]
-        return cls(shards, shards, plan.pads[worker], start=start)
+        return cls(shards, shards, plan.pads[worker])
 
 
 def worker_stages(spec: LoaderSpec, epoch: int, worker: int, task: WorkerTask, counter: SkipCounter,
@@ -454,7 +453,7 @@ class Loader:
         finally:
             del iterator  # shuts the worker processes down, also when the epoch is abandoned
 
-    def _extra_pads(self, plan: EpochPlan, progress: Progress) -> Iterator[dict]:
+    def _extra_pads(self, plan: EpochPlan, progress: Progress) -> Iterator[tuple[dict, int]]:
         """Pads for samples lost to corruption: the start of the rank's list (worker 0's shards), cycled, read
         in the main process. Rare, so those consumed before a checkpoint are decoded again on resume."""
         shards = plan.worker_shards[0] if plan.worker_shards else tuple(self.spec.shards)
