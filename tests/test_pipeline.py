@@ -256,3 +256,13 @@ def test_exact_plan_covers_every_shard_once_with_equal_ranks(data, world, worker
         own = sum(s.num_samples for shards in p.worker_shards for s in shards)
         assert own + sum(p.pads) == p.rank_samples and min(p.pads) >= 0
         assert p.num_batches == math.ceil(p.rank_samples / batch)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_unreadable_data_stops_with_an_error_instead_of_hanging(tmp_path, data_cfg, synth_tokenizer, resampled):
+    (tmp_path / "x-000000.tar").write_bytes(b"this is not a tar file" * 40)
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": "x-000000.tar", "num_samples": 5}],
+                                                     "num_samples": 5}))
+    cfg = data_cfg(train=str(tmp_path), resampled=resampled, samples_per_epoch=8, max_skip_rate=1.0)
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        _epoch(_loader(cfg, synth_tokenizer, batch_size=4))
