@@ -49,6 +49,7 @@ def test_jsonl_round_trip_with_bad_lines(pairs, tmp_path, shard_tools):
     assert report["skipped_by_reason"] == {"empty_caption": 1, "malformed_line": 2, "missing_image": 1,
                                            "non_utf8_caption": 1, "unreadable_image": 1}
     assert [s["item"] for s in report["skipped"]] == [f"line {n}" for n in (4, 5, 6, 7, 8, 11)]
+    assert report.pop("report_path") == str((tmp_path / "out" / "report.json").resolve())
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     members = {}
     for shard in ("train-000000.tar", "train-000001.tar"):
@@ -65,7 +66,8 @@ def test_jsonl_round_trip_with_bad_lines(pairs, tmp_path, shard_tools):
 
 def test_ids_offset_and_split_name(pairs, tmp_path):
     path, _ = pairs
-    shards.convert_jsonl(path, tmp_path / "out", split="val", start_id=1000)
+    report = shards.convert_jsonl(path, tmp_path / "out", split="val", start_id=1000)
+    assert report["report_path"].endswith("report-val.json")
     summary = shards.inspect(tmp_path / "out" / "val")
     assert sorted(e["sample_id"] for e in summary["splits"]["val"]["examples"]) == [1000, 1002, 1008]
 
@@ -78,7 +80,10 @@ def test_writes_only_inside_out_dir(pairs, tmp_path):
     assert new and all(tmp_path / "out" in p.parents or p == tmp_path / "out" for p in new)
     with pytest.raises(ValueError, match="outside"):
         shards.convert_jsonl(path, tmp_path / "out2", report="../escape.json")
-    assert not (tmp_path / "escape.json").exists()
+    assert not (tmp_path / "out2").exists()  # refused before any work
+    with pytest.raises(ValueError, match="split name"):
+        shards.convert_jsonl(path, tmp_path / "out3", split="../escape")
+    assert not (tmp_path / "escape.json").exists() and not (tmp_path / "escape").exists()
 
 
 def test_existing_shards_refused_then_overwritten(pairs, tmp_path):

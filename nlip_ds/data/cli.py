@@ -69,7 +69,7 @@ def run_shards(args: argparse.Namespace) -> int:
     print(f"wrote {report['num_samples']} samples in {len(report['shards'])} shards to "
           f"{Path(args.out) / args.split}; skipped {report['num_skipped']}"
           + "".join(f"\n  {reason}: {n}" for reason, n in report["skipped_by_reason"].items())
-          + f"\nreport: {Path(args.out) / shards.REPORT_FILE}")
+          + f"\nreport: {report['report_path']}")
     return 0
 
 

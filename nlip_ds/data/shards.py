@@ -122,6 +122,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def prepare_split_dir(out_dir: Path, split: str, overwrite: bool) -> Path:
     """The split folder, emptied of the shards and index a previous conversion left (only those files)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise ValueError(f"split name {split!r}: use letters, digits, '_' and '-' only (it names a folder)")
     split_dir = Path(out_dir) / split
     pattern = _shard_name_re(split)
     old = [p for p in split_dir.glob("*") if pattern.fullmatch(p.name) or p.name == INDEX_FILE]
@@ -312,11 +314,13 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")[:300]
 
 
-def _write_report(out_dir: Path, report: Report, name) -> Path:
-    target = (out_dir / name).resolve()
-    if out_dir.resolve() not in target.parents:
+def report_path(out_dir: Path, name: Optional[str], split: str) -> Path:
+    """Where the report goes: `name` inside out_dir, by default report.json (report-<split>.json for a split
+    other than train, so that converting several splits into one folder keeps every report)."""
+    name = name or (REPORT_FILE if split == "train" else f"report-{split}.json")
+    target = (Path(out_dir) / name).resolve()
+    if Path(out_dir).resolve() not in target.parents:
         raise ValueError(f"report {name!r} would be written outside the output folder {out_dir}")
-    target.write_text(json.dumps(report.as_dict(), indent=1, ensure_ascii=False) + "\n")
     return target
 
 
@@ -327,17 +331,17 @@ class ConvertOptions:
     start_id: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
-    report: str = REPORT_FILE
+    report: Optional[str] = None
 
 
-def convert_jsonl(jsonl, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, report: str = REPORT_FILE, *,
+def convert_jsonl(jsonl, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, report: Optional[str] = None, *,
                   split: str = "train", start_id: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                   overwrite: bool = False, progress: Progress = None) -> dict:
     """Convert `{"image": path, "caption": text}` lines into shards under `<out_dir>/<split>/`.
 
     The sample id is `start_id` + the 0-based line number, so ids stay put when a broken line is fixed.
     Relative image paths resolve against the JSONL's folder. Returns the report (also written to
-    `<out_dir>/<report>`).
+    `report_path(out_dir, report, split)`, with that path under "report_path" in the returned dict).
     """
     jsonl = Path(jsonl)
     if not jsonl.is_file():
@@ -363,7 +367,7 @@ def _jsonl_sample(raw: bytes, base: Path):
     return image, load_image(path), text
 
 
-def convert_image_folder(folder, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, report: str = REPORT_FILE, *,
+def convert_image_folder(folder, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, report: Optional[str] = None, *,
                          split: str = "train", start_id: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                          overwrite: bool = False, progress: Progress = None) -> dict:
     """Convert every image under `folder` (recursively, sorted) with a `<stem>.txt` caption beside it.
@@ -398,6 +402,7 @@ def _folder_sample(image: Path, folder: Path):
 
 def _convert(items, input_name: str, out_dir: Path, opts: ConvertOptions, progress: Progress) -> dict:
     report = Report(input=input_name, split=opts.split)
+    target = report_path(out_dir, opts.report, opts.split)  # refused before any work if outside out_dir
     split_dir = prepare_split_dir(out_dir, opts.split, opts.overwrite)
     with ShardWriter(split_dir, opts.split, opts.shard_size) as writer:
         for number, where, make in items:
@@ -405,10 +410,10 @@ def _convert(items, input_name: str, out_dir: Path, opts: ConvertOptions, progre
             if progress:
                 progress(1)
     report.num_samples, report.shards = sum(s["num_samples"] for s in writer.shards), writer.shards
-    path = _write_report(out_dir, report, opts.report)
+    target.write_text(json.dumps(report.as_dict(), indent=1, ensure_ascii=False) + "\n")
     logger.info("wrote %d samples in %d shards to %s, skipped %d (report: %s)", report.num_samples,
-                len(report.shards), split_dir, len(report.skipped), path)
-    return report.as_dict()
+                len(report.shards), split_dir, len(report.skipped), target)
+    return {**report.as_dict(), "report_path": str(target)}
 
 
 def _convert_one(writer: ShardWriter, report: Report, sample_id: int, where: str, make) -> None:
