@@ -122,13 +122,15 @@ def main() -> None:
     parser.add_argument("--sklearn-bytes-per-sample", type=float, default=200.0)
     parser.add_argument("--sklearn-memory-share", type=float, default=0.6)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"bimodal float32 losses, 30% noisy; reg_covar {REG_COVAR}, tol {TOL}, max_iter {MAX_ITER}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; bimodal float32 losses, 30% noisy; reg_covar {REG_COVAR}, tol {TOL}, "
+          f"max_iter {MAX_ITER}")
     print("| losses | fit_gmm s: median (fastest, runs) | scikit-learn s | ratio of medians | EM iterations "
           "(ours / sklearn) | max abs posterior diff |")
     print("|---|---|---|---|---|---|")
     for n in args.sizes:
         print(format_row(bench_size(n, args)), flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ CASES = {
     "noise5": bimodal(20_000, 0.05, seed=1),
     "noise30": bimodal(20_000, 0.30, seed=2),
     "noise60": bimodal(20_000, 0.60, seed=3),
-    "unimodal": unimodal(20_000, seed=4),
+    "unimodal": unimodal(5_000, seed=4),
     "odd_size": bimodal(1_025, 0.2, seed=5),
 }
 
