@@ -248,9 +248,11 @@ def clean_sample(spec: SplitSpec, index: int) -> tuple[Scene, str]:
 
 
 def noise_types(spec: SplitSpec) -> list[str]:
-    """Noise type per index: exactly round(rate * n) incorrect and incomplete samples, at seeded positions."""
+    """Noise type per index: exactly round(rate * n) incorrect and incomplete samples (incomplete capped by
+    what is left when the rates add up to 1), at seeded positions."""
     n = spec.num_samples
-    n_incorrect, n_incomplete = round(spec.incorrect_rate * n), round(spec.incomplete_rate * n)
+    n_incorrect = round(spec.incorrect_rate * n)
+    n_incomplete = min(round(spec.incomplete_rate * n), n - n_incorrect)
     order = list(range(n))
     random.Random(f"nlip-synth/{spec.seed}/{spec.name}/noise").shuffle(order)
     types = ["clean"] * n
