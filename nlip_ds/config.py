@@ -221,6 +221,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return _coerce(key, value, args[0])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 5e-3 as a string: it wants 5.0e-3. Accept what any user would write.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (list, tuple) and isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):

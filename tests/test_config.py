@@ -50,6 +50,9 @@ def test_overrides_apply_and_ints_widen_to_floats():
     cfg = load_config(None, ["train.epochs=7", "optim.lr=1", "data.train=a/{0..3}.tar", "train.resume="])
     assert cfg.train.epochs == 7
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert load_config(None, ["optim.lr=5e-3"]).optim.lr == 0.005  # PyYAML reads 5e-3 as a string
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
     assert cfg.data.train == "a/{0..3}.tar"
     assert cfg.train.resume is None
 
