@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import platform
 import statistics
 import time
@@ -165,16 +166,20 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cpu":
         release_freed_memory()
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, {cpu}, "
-          f"d = {args.dim}, fp32, median of {args.reps}")
+          f"d = {args.dim}, fp32, median of {args.reps}; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for n in args.sizes:
         rows.append(measure(n, args.dim, args.reps, args.device))
         print(f"N={n} done (fused ran: {contrastive.last_impl})", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")
     print(table(rows))
     print("\n".join(targets(rows)))
 

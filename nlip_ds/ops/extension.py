@@ -115,11 +115,11 @@ def _import_prebuilt(kind: str) -> ModuleType | None:
 def _jit(kind: str) -> ModuleType:
     if not all(p.exists() for p in sources(kind)):
         raise RuntimeError(f"{module_name(kind)} is not built and the kernel sources are not at {KERNEL_DIR}")
-    logger.warning("%s was not built with the package; compiling it now (once, cached; about a minute)",
-                   module_name(kind))
+    logger.warning("%s was not built with the package; building it just in time (the first build takes about "
+                   "a minute and is cached in the torch_extensions directory)", module_name(kind))
     start = time.perf_counter()
     module = jit_build(kind)
-    logger.info("%s compiled in %.0f s", module_name(kind), time.perf_counter() - start)
+    logger.info("%s ready after %.0f s", module_name(kind), time.perf_counter() - start)
     return module
 
 
