@@ -41,6 +41,7 @@ from typing import Iterator, Optional
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nlip_ds.config import ConfigError
 from nlip_ds.data.samples import SampleError, SkipCounter, collate, crop_rng, decode_sample, eval_transform, \
     gather, train_transform
 from nlip_ds.data.shards import Shard, expand_pattern, shard_counts
@@ -524,9 +525,9 @@ def _sources(pattern: str, split: str, resampled: bool) -> tuple[tuple[Shard, ..
                            empty[0].path)
         sources.append(tuple(s for s in shards if s.num_samples > 0))
     if not any(sources):
-        raise ValueError(f"data.{split}: no samples in {pattern!r}")
+        raise ConfigError(f"data.{split}: no samples in {pattern!r}")
     if resampled and not all(sources):
-        raise ValueError(f"data.{split}: a '::' source of {pattern!r} has no samples")
+        raise ConfigError(f"data.{split}: a '::' source of {pattern!r} has no samples")
     return tuple(sources)
 
 
@@ -535,9 +536,9 @@ def _weights(data_cfg, sources, resampled: bool) -> tuple[float, ...]:
     if weights is None:
         return (1.0,) * len(sources)
     if len(weights) != len(sources):
-        raise ValueError(f"data.train_weights: {len(weights)} weights for {len(sources)} '::' sources")
+        raise ConfigError(f"data.train_weights: {len(weights)} weights for {len(sources)} '::' sources")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"data.train_weights: {weights} must be non-negative with a positive sum")
+        raise ConfigError(f"data.train_weights: {weights} must be non-negative with a positive sum")
     if not resampled:
         logger.info("data.train_weights apply in resampled mode only; exact epochs read every source once")
     return tuple(float(w) for w in weights)
@@ -546,7 +547,7 @@ def _weights(data_cfg, sources, resampled: bool) -> tuple[float, ...]:
 def _check_exact(spec: LoaderSpec) -> None:
     n = len(spec.shards)
     if n < spec.world_size * spec.streams:
-        raise ValueError(
+        raise ConfigError(
             f"data.{spec.split}: {n} shards cannot feed {spec.world_size} ranks x {spec.streams} workers in "
             f"exact-epoch mode (each worker reads whole shards, so at least {spec.world_size * spec.streams} "
             "are needed); write smaller shards (--shard-size), use fewer workers (data.workers), or set "
@@ -558,17 +559,17 @@ def build_loader(data_cfg, split: str, *, tokenizer: Tokenizer, image_size: int,
                  workers: Optional[int] = None) -> Loader:
     """The loader of `data_cfg.<split>` for one rank. Resampled mode applies to the train split only."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     pattern = getattr(data_cfg, split)
     if not pattern:
-        raise ValueError(f"data.{split} is not set: give a shard pattern or folder")
+        raise ConfigError(f"data.{split} is not set: give a shard pattern or folder")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     resampled = bool(data_cfg.resampled) and split == "train"
     if resampled and not data_cfg.samples_per_epoch:
-        raise ValueError("data.samples_per_epoch: required when data.resampled=true")
+        raise ConfigError("data.samples_per_epoch: required when data.resampled=true")
     sources = _sources(pattern, split, resampled)
     spec = LoaderSpec(
         split=split, sources=sources, weights=_weights(data_cfg, sources, resampled) if split == "train" else
@@ -578,7 +579,7 @@ def build_loader(data_cfg, split: str, *, tokenizer: Tokenizer, image_size: int,
         max_skip_rate=data_cfg.max_skip_rate, resampled=resampled, samples_per_epoch=data_cfg.samples_per_epoch,
         rank=rank, world_size=world_size, workers=data_cfg.workers if workers is None else workers)
     if resampled and plan_resampled(spec).num_batches < 1:
-        raise ValueError(f"data.samples_per_epoch={data_cfg.samples_per_epoch} is less than one global batch "
+        raise ConfigError(f"data.samples_per_epoch={data_cfg.samples_per_epoch} is less than one global batch "
                          f"({world_size} ranks x {batch_size})")
     if not resampled:
         _check_exact(spec)
