@@ -4,4 +4,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$NLIP_ROOT"
+# The TensorBoard browser test opens the UI in headless Chromium: install Debian's package where we can.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[nlip-ds] installing Debian's chromium for the TensorBoard browser test" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || echo "[nlip-ds] could not install chromium; the browser test will be skipped" >&2
+fi
 exec python -m pytest "$@"

@@ -135,3 +135,53 @@ def test_exact_resume_matches_uninterrupted_run(synth_dir, tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), f"step {step}"
     refits = [m for m in _metrics(split) if "noise/rate" in m]
     assert refits and refits[0]["step"] > 5, "the GMM refit should happen after the resume point"
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _visible_text(html: str) -> str:
+    import re
+
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_tensorboard_shows_train_and_noise_scalars_in_a_browser(ds_run, tmp_path):
+    import time
+    import urllib.request
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (scripts/test.sh installs Debian's chromium when run as root)")
+    run_dir, _, _ = ds_run
+    port = _free_port()
+    tb = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(run_dir / "tensorboard"),
+                           "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "data/runs", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom",
+                              url + "#timeseries"], capture_output=True, text=True, timeout=180).stdout
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
+    text = _visible_text(dom)
+    assert " nlip " in text and " deepspeed " in text, "the runs are not listed"
+    import re
+
+    groups = dict(re.findall(r"\b(train|noise|eval) (\d+) cards", text))
+    assert int(groups.get("train", 0)) >= 4 and int(groups.get("noise", 0)) >= 5, f"tag groups seen: {groups}"
