@@ -44,8 +44,7 @@ def _log_refit(cfg: Config, state: RunState, sink: MetricSink, fit, losses, flag
 
         sink.histogram("noise/per_sample_loss", losses, state.step)
         sink.histogram("noise/epsilon", fit.posterior, state.step)
-        known = flags if bool((flags >= 0).all()) else None
-        sink.image("noise/loss_histogram_fit", render_fit_histogram(fit, losses, known), state.step)
+        sink.image("noise/loss_histogram_fit", render_fit_histogram(fit, losses, flags), state.step)
     auc = f", AUC {metrics['noise/auc']:.3f}" if "noise/auc" in metrics else ""
     logger.info("noise refit at epoch %d on %d samples: estimated noise rate %.3f%s", state.epoch,
                 losses.numel(), metrics.get("noise/rate", float("nan")), auc)
