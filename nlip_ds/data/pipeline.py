@@ -38,6 +38,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -447,7 +448,12 @@ class Loader:
         if self.spec.workers == 0:
             yield from streams
             return
-        loader = DataLoader(streams, batch_size=None, num_workers=self.spec.workers, prefetch_factor=2)
+        # A generator of its own: DataLoader otherwise draws its workers' base seed from the global RNG each
+        # time an iterator starts, shifting the trainer's random stream (dropout) differently after a resume.
+        # Sample randomness does not depend on it (augmentations are seeded per sample).
+        generator = torch.Generator().manual_seed(self.spec.seed)
+        loader = DataLoader(streams, batch_size=None, num_workers=self.spec.workers, prefetch_factor=2,
+                            generator=generator)
         iterator = iter(loader)
         try:
             yield from iterator
