@@ -19,7 +19,11 @@ def _checkpoint_root(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: no ZeRO checkpoint found (expected {path}/checkpoints/latest)")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+def load_run_model(run_dir: str | Path, tag: str | None = None):
+    """(NLIPModel with the consolidated fp32 weights, the run's Config, the checkpoint folder of `tag`).
+
+    Consolidates in memory on the calling process; no DeepSpeed engine or process group is needed.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from nlip_ds.data.tokenizer import load_tokenizer
@@ -39,5 +43,10 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> 
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {root / tag} does not match the model of {run / 'config.yaml'}: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, cfg, root / tag
+
+
+def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    model, cfg, _ = load_run_model(run_dir, tag)
     model.save_pretrained(out_dir, tokenizer_dir=cfg.data.tokenizer)
     return Path(out_dir)
