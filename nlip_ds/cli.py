@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     from nlip_ds.data.cli import add_subcommands as add_data_commands
 
     add_data_commands(sub)
+    from nlip_ds.eval.cli import add_subcommands as add_eval_commands
+    add_eval_commands(sub)
 
     p = sub.add_parser("train", help="train a model (plain process, deepspeed, torchrun or SLURM srun)")
     _add_config_args(p)
