@@ -6,10 +6,15 @@ NLIP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${NLIP_VENV:-$NLIP_ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 
+# cpp_extension finds the toolkit through CUDA_HOME: the folder above nvcc's bin/ that holds the headers too.
+# nvcc on PATH may be a wrapper script (as in /usr/local/bin here), so check each candidate for a toolkit.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  # cpp_extension finds the toolkit through CUDA_HOME: the folder above nvcc's bin/.
-  CUDA_HOME="$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd)"
-  export CUDA_HOME
+  for candidate in "$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd)" /usr/local/cuda /opt/cuda; do
+    if [ -x "$candidate/bin/nvcc" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
+      export CUDA_HOME="$candidate"
+      break
+    fi
+  done
 fi
 
 stamp_of() { cat "$NLIP_ROOT/setup.py" "$NLIP_ROOT/scripts/env.sh" "$NLIP_ROOT"/kernels/*.{cpp,cu,h} 2>/dev/null \
