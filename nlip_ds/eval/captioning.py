@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import re
+import shutil
 import threading
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def meteor_score(gts: dict, res: dict, timeout_s: float = METEOR_TIMEOUT_S) -> f
     """METEOR through its jar, in a thread so that a wedged Java process is killed instead of hanging us."""
     from pycocoevalcap.meteor.meteor import Meteor
 
+    if shutil.which("java") is None:  # checked first: Meteor() half-built by a failed start breaks in __del__
+        raise FileNotFoundError("no `java` on PATH")
     scorer = Meteor()
     result: dict = {}
 
