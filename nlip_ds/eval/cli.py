@@ -69,10 +69,10 @@ def _start_processes(device_arg):
     from nlip_ds.distributed import export_topology, resolve_topology
 
     topo = resolve_topology()
-    export_topology(topo)
     cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
     device = torch.device(f"cuda:{topo.local_rank}" if cuda else (device_arg or "cpu"))
     if topo.world_size > 1:
+        export_topology(topo)  # SLURM names rank and world differently from env:// rendezvous
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return topo, device
 
