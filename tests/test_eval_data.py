@@ -101,6 +101,10 @@ def test_missing_inputs_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty holds neither"):
         open_records(str(tmp_path / "empty"))
+    (tmp_path / "root" / "test").mkdir(parents=True)
+    (tmp_path / "root" / "test" / "test-000000.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"root holds split folders of shards \(test\); pass one"):
+        open_records(str(tmp_path / "root"))
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"--classes FILE \(looked for .*shards/classes.txt"):

@@ -69,8 +69,9 @@ def _start_processes(device_arg):
     from nlip_ds.distributed import export_topology, resolve_topology
 
     topo = resolve_topology()
-    cuda = torch.cuda.is_available() and device_arg in (None, "cuda")
-    device = torch.device(f"cuda:{topo.local_rank}" if cuda else (device_arg or "cpu"))
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{topo.local_rank}" if device_arg == "cuda" else device_arg)
     if topo.world_size > 1:
         export_topology(topo)  # SLURM names rank and world differently from env:// rendezvous
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")

@@ -61,11 +61,26 @@ def open_records(data: str, *, image_root: Optional[str] = None, split: Optional
         if not path.is_file():
             raise FileNotFoundError(f"caption JSON {path} does not exist")
         return karpathy_records(path, Path(image_root) if image_root else path.parent, split)
-    if path.is_dir() and not any(path.glob("*.tar")) and _class_folders(path):
-        return image_folder_records(path, class_names)
     if path.is_dir() and not any(path.glob("*.tar")):
-        raise FileNotFoundError(f"{path} holds neither .tar shards nor class sub-folders of images")
+        _check_folder(path)
+        return image_folder_records(path, class_names)
     return shard_records(data)
+
+
+def _check_folder(path: Path) -> None:
+    """A folder without shards must be an ImageFolder tree; a dataset root of split folders is a likely
+    mistake worth its own message."""
+    folders = _class_folders(path)
+    splits = [f.name for f in folders if any(f.glob("*.tar"))]
+    if splits:
+        raise FileNotFoundError(f"{path} holds split folders of shards ({', '.join(splits)}); pass one of them, "
+                                f"e.g. {path / splits[-1]}")
+    if not any(_is_image(file) for f in folders for file in f.iterdir()):
+        raise FileNotFoundError(f"{path} holds neither .tar shards nor class sub-folders of images")
+
+
+def _is_image(file: Path) -> bool:
+    return file.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def karpathy_records(path: Path, image_root: Path, split: Optional[str]) -> Iterator[EvalRecord]:
@@ -100,7 +115,7 @@ def image_folder_records(root: Path, class_names: Optional[list[str]] = None) ->
         if folder.name not in names:
             raise ValueError(f"class folder {folder} is not in the class list ({len(names)} names)")
         for file in sorted(folder.iterdir()):
-            if file.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+            if _is_image(file):
                 yield EvalRecord(index, str(file), file, [], names.index(folder.name))
                 index += 1
 
