@@ -19,6 +19,7 @@ from nlip_ds.config import Config, git_sha, to_dict, write_resolved
 from nlip_ds.monitor import MetricSink, Progress, setup_logging
 from nlip_ds.train import engine as E
 from nlip_ds.train.build import build_loaders, build_model, build_tokenizer
+from nlip_ds.train.preempt import Preemption
 from nlip_ds.train.refit import refit
 from nlip_ds.train.state import RunState, capture_rng, restore_rng
 from nlip_ds.train.task import NLIPTask
@@ -59,21 +60,25 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
     batch = cfg.train.micro_batch_size * topo.world_size
     progress = Progress(total, batch, enabled=topo.is_main and cfg.monitor.progress, start_step=state.step)
     acc = MetricAccumulator()
-    while state.epoch < cfg.train.epochs and not reached_max_steps(engine, cfg):
-        start_epoch(cfg, state, loader, sink)
-        for batch_ in loader:
-            train_step(engine, cfg, state, batch_, acc)
-            if state.step % cfg.monitor.log_every == 0:
-                log_step(engine, state, acc, sink, progress)
-            if should_refit_in_epoch(cfg, state):
-                refit(cfg, state, sink)
-            if reached_max_steps(engine, cfg):
-                break
-            if cfg.train.save_every and state.step % cfg.train.save_every == 0:
-                save(engine, cfg, state, loader)
-        else:
-            state.epoch += 1
-        save(engine, cfg, state, loader)
+    with Preemption() as preempt:
+        while state.epoch < cfg.train.epochs and not reached_max_steps(engine, cfg):
+            start_epoch(cfg, state, loader, sink)
+            for batch_ in loader:
+                train_step(engine, cfg, state, batch_, acc)
+                if state.step % cfg.monitor.log_every == 0:
+                    log_step(engine, state, acc, sink, progress)
+                    if preempt.agreed(engine.device):  # SIGTERM/SIGUSR1 on any rank: checkpoint, exit
+                        save(engine, cfg, state, loader)
+                        preempt.exit(cfg.train.output_dir, state.step, f"step{state.step}")
+                if should_refit_in_epoch(cfg, state):
+                    refit(cfg, state, sink)
+                if reached_max_steps(engine, cfg):
+                    break
+                if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+                    save(engine, cfg, state, loader)
+            else:
+                state.epoch += 1
+            save(engine, cfg, state, loader)
     if acc.count:
         log_step(engine, state, acc, sink, progress)
     progress.close()
