@@ -1,5 +1,5 @@
-"""`nlip-ds eval` end to end: on a random-weight export (fast), and on a short training run's ZeRO-3 folder and
-its export, on one process and on two (slow)."""
+"""`nlip-ds eval` end to end: on a random-weight export (fast), and on a short two-rank training run's ZeRO-3
+folder and its export, evaluated on one process and on two (slow)."""
 import io
 import json
 import os
@@ -136,10 +136,11 @@ def _eval(*args):
 
 @pytest.fixture(scope="module")
 def trained_run(synth_dir, tmp_path_factory):
-    """A one-epoch ZeRO-3 run on one process, and its export."""
+    """A one-epoch ZeRO-3 run on two CPU processes (each saves its own shard of the weights), and its export."""
     base = tmp_path_factory.mktemp("eval_run")
     run_dir, export_dir = base / "run", base / "export"
-    _run(sys.executable, "-m", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
+    _run(Path(sys.executable).parent / "deepspeed", "--num_gpus", "2", "--master_port", _free_port(), "--module",
+         "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
          f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
          f"data.tokenizer={base / 'tokenizer'}", f"train.output_dir={run_dir}", "train.epochs=1",
          "train.micro_batch_size=16", "data.workers=0", "eval.enabled=false", "monitor.progress=false")
@@ -150,6 +151,8 @@ def trained_run(synth_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_run_folder_and_its_export_give_the_same_zeroshot_and_probe(trained_run, synth_dir):
     run_dir, export_dir = trained_run
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert len(list((run_dir / "checkpoints" / tag).glob("zero_pp_rank_*_model_states.pt"))) == 2
     common = ["--task", "zeroshot", "--data", synth_dir / "test", "--linear-probe", "--train-data",
               synth_dir / "val"]
     proc = _eval("--checkpoint", run_dir, *common)
