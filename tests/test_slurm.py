@@ -81,6 +81,8 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job may start again only when the credentials of its last run expired (default 120 s).
+AuthInfo=cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
