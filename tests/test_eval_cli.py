@@ -94,6 +94,34 @@ def test_retrieval_on_a_karpathy_json(cli, random_export, synth_dir, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in results["metrics"].values())
 
 
+def image_folder_from_shards(split_dir: Path, classes: list[str], out: Path) -> Path:
+    """root/<class>/<key>.png from the shards' images and .cls labels."""
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar if m.isreg()}
+        for key in sorted({name.split(".")[0] for name in members}):
+            folder = out / classes[int(members[f"{key}.cls"])]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{key}.png").write_bytes(members[f"{key}.png"])
+    return out
+
+
+def test_zeroshot_and_probe_on_an_image_folder_name_a_broken_image(cli, random_export, synth_dir, tmp_path):
+    classes = (synth_dir / "classes.txt").read_text().split()
+    root = image_folder_from_shards(synth_dir / "test", classes, tmp_path / "folder")
+    broken = root / classes[0] / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    status, out, _ = cli("eval", "--checkpoint", random_export, "--task", "zeroshot", "--data", root,
+                         "--classes", synth_dir / "classes.txt", "--linear-probe", "--train-data", root,
+                         "--out", tmp_path / "z.json", "--no-tensorboard")
+    assert status == 0
+    results = json.loads((tmp_path / "z.json").read_text())
+    assert results["num_images"] == 40 and "linear_probe_top1" in results["metrics"]
+    # listed once for the evaluation set and once for the probe's training set (the same folder here)
+    assert [s["file"] for s in results["skipped"]] == [str(broken)] * 2
+    assert f"{broken}: undecodable_image" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "{tmp}/nowhere", "--task", "zeroshot", "--data", "{test}"], "nowhere does not exist"),
     (["--checkpoint", "{export}", "--task", "zeroshot", "--data", "{test}", "--classes", "{tmp}/none.txt"],
