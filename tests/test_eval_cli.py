@@ -1,6 +1,5 @@
 """`nlip-ds eval` end to end: on a random-weight export (fast), and on a short two-rank training run's ZeRO-3
 folder and its export, evaluated on one process and on two (slow)."""
-import io
 import json
 import os
 import socket
