@@ -48,7 +48,7 @@ def run(data: Path, world: int, steps: int, noise: bool, workdir: Path) -> float
                  "monitor.log_every=5", "monitor.progress=false", "monitor.tensorboard=false"]
     train = ["--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml", *overrides]
     if world == 1:
-        cmd = [sys.executable, "-m", "nlip_ds.cli", *train[3:]]
+        cmd = [sys.executable, "-m", *train[1:]]  # python -m nlip_ds.cli train ...
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world), "--master_port",
                str(free_port()), *train]
@@ -70,12 +70,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for world in (1, 2):
-            with_noise = [run(data, world, args.steps, True, Path(tmp)) for _ in range(args.repeats)]
-            without = [run(data, world, args.steps, False, Path(tmp)) for _ in range(args.repeats)]
+            with_noise, without = [], []
+            for _ in range(args.repeats):  # alternate, so drifting machine load hits both variants alike
+                with_noise.append(run(data, world, args.steps, True, Path(tmp)))
+                without.append(run(data, world, args.steps, False, Path(tmp)))
             a, b = statistics.median(with_noise), statistics.median(without)
             rows.append((world, a, b, 1 - a / b))
             print(f"world size {world}: with noise {with_noise}, without {without}", file=sys.stderr)
-    print(f"tiny config, micro batch 64 per rank, {args.steps} steps, median of {args.repeats} runs each")
+    print(f"tiny config (configs/tiny-cpu.yaml), {args.steps} steps, median of {args.repeats} alternating runs each, "
+          f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"{'world size':>10} | {'samples/s (NLIP)':>16} | {'samples/s (noise off)':>21} | {'noise share':>11}")
     for world, a, b, share in rows:
         print(f"{world:>10} | {a:>16.1f} | {b:>21.1f} | {share:>10.1%}")
