@@ -98,6 +98,20 @@ def step_bytes(s: Shape, world: int, micro: int, accum: int, param_bytes: int = 
             "GMM refit": 0.0}
 
 
+def zero2_bytes(s: Shape, world: int, micro: int, accum: int) -> dict[str, float]:
+    """The same step under ZeRO-2 (parameters replicated, gradients and optimizer state partitioned): no
+    per-pass parameter gathers, one all-gather of the updated parameters per step (bf16)."""
+    b = step_bytes(s, world, micro, accum)
+    b["param all-gather"] = s.params * 2
+    return b
+
+
+def zero2_collectives(s: Shape, accum: int) -> dict[str, int]:
+    c = collectives_per_step(s, accum)
+    c["param all-gather"] = math.ceil(s.params / REDUCE_BUCKET)
+    return c
+
+
 def collectives_per_step(s: Shape, accum: int) -> dict[str, int]:
     return {"param all-gather": accum * 2 * s.fetch_modules,
             "grad reduce-scatter": accum * math.ceil(s.params / REDUCE_BUCKET),
@@ -146,7 +160,7 @@ def model_table(config: str) -> str:
             lines += [f"global batch {batch}, {f.name} (inter-node bus {f.inter_gbs:.0f} GB/s, hop "
                       f"{f.inter_lat_us:.0f} us; NVLink bus {f.intra_gbs:.0f} GB/s, hop {f.intra_lat_us:.0f} us)", "",
                       "| nodes | GPUs | micro x accum | params AG GB | grads RS GB | features MB | losses MB "
-                      "| compute ms | comm ms | step ms | bottleneck |", "|" + "---|" * 11]
+                      "| compute ms | comm ms | step ms | bottleneck | ZeRO-2 step ms |", "|" + "---|" * 12]
             for nodes in (1, 2, 4, 8, 16, 32, 64, 128):
                 world = nodes * GPUS_PER_NODE
                 micro, accum = micro_and_accum(batch, world)
@@ -159,10 +173,12 @@ def model_table(config: str) -> str:
                 largest = max((k for k in t if k != "compute"), key=t.get)
                 neck = ("compute" if t["compute"] >= comm else
                         f"{largest} ({'latency' if lat > 0.5 * comm else 'bandwidth'})")
+                b2, c2 = zero2_bytes(s, world, micro, accum), zero2_collectives(s, accum)
+                zero2 = t["compute"] + sum(collective_seconds(b2[k], c2[k], nodes, f) for k in b2)
                 lines.append(f"| {nodes} | {world} | {micro} x {accum} | {b['param all-gather'] / 1e9:.2f} | "
                              f"{b['grad reduce-scatter'] / 1e9:.2f} | {b['feature all-gather'] / 1e6:.1f} | "
                              f"{b['loss all-gather'] / 1e6:.2f} | {t['compute'] * 1e3:.0f} | {comm * 1e3:.0f} | "
-                             f"{(t['compute'] + comm) * 1e3:.0f} | {neck} |")
+                             f"{(t['compute'] + comm) * 1e3:.0f} | {neck} | {zero2 * 1e3:.0f} |")
             lines.append("")
     return "\n".join(lines)
 
