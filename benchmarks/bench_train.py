@@ -78,7 +78,7 @@ def main() -> None:
             rows.append((world, a, b, 1 - a / b))
             print(f"world size {world}: with noise {with_noise}, without {without}", file=sys.stderr)
     print(f"tiny config (configs/tiny-cpu.yaml), {args.steps} steps, median of {args.repeats} alternating runs each, "
-          f"load average before: {os.getloadavg()[0]:.2f}")
+          f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"{'world size':>10} | {'samples/s (NLIP)':>16} | {'samples/s (noise off)':>21} | {'noise share':>11}")
     for world, a, b, share in rows:
         print(f"{world:>10} | {a:>16.1f} | {b:>21.1f} | {share:>10.1%}")
