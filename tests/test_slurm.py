@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,10 +40,12 @@ def _free_port() -> int:
 
 def _ensure_installed() -> None:
     """slurm-wlm and munge, installed from Debian's archive when missing and possible; skip otherwise."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs slurmd as root (SlurmUser=root); not root here")
     if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("slurm-wlm/munge are not installed and cannot be (needs root and apt-get)")
+    if not shutil.which("apt-get"):
+        pytest.skip("slurm-wlm/munge are not installed and cannot be (no apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"],
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"]):
@@ -76,7 +79,10 @@ class LocalCluster:
         nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN"
                           for n in self.nodes)
         # linuxproc/task none: no cgroups needed; config_overrides: the declared CPUs, not the machine's, count.
+        # A random first job id: slurm/job.py derives MASTER_PORT from it, and another session's test cluster on
+        # this machine starts its ids elsewhere.
         self.conf.write_text(f"""ClusterName=nlipci
+FirstJobId={random.randrange(1, 1_000_000)}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmUser=root
