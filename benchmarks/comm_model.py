@@ -286,7 +286,8 @@ def measure(world: int, micro: int) -> str:
         mp.spawn(_measure_worker, args=(world, port, micro, out), nprocs=world, join=True)
         r = torch.load(out, weights_only=True)
     lines = [f"tiny config, world size {world}, micro-batch {micro}, float32, one training step (rank 0)", "",
-             "| category | predicted bytes | counted bytes | predicted calls | counted calls |", "|---|---|---|---|---|"]
+             "| category | predicted bytes | counted bytes | predicted calls | counted calls |",
+             "|---|---|---|---|---|"]
     for cat in sorted(set(r["predicted"]) | set(r["counted"])):
         c = r["counted"].get(cat, {"bytes": 0, "calls": 0, "seconds": 0.0})
         p, pc = r["predicted"].get(cat), r["predicted_calls"].get(cat, "-")

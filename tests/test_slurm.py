@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 NODES, CPUS_PER_NODE = 2, 2
 START_TIMEOUT, JOB_TIMEOUT = 60, 420
@@ -214,6 +213,8 @@ def _explain(cluster, out: Path) -> str:
     return f"{out.read_text()[-6000:] if out.exists() else '(no job output)'}\n{cluster.logs()}"
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_two_node_deepspeed_job_trains(cluster, synth_dir, tmp_path):
     job, run_dir, out = _submit_training(cluster, synth_dir, tmp_path, "deepspeed", "train.epochs=1")
     info = cluster.wait(job)
@@ -232,6 +233,8 @@ def test_two_node_deepspeed_job_trains(cluster, synth_dir, tmp_path):
     assert "launch deepspeed" in text and "2 rank(s) via deepspeed" in text
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, synth_dir, tmp_path):
     job, run_dir, out = _submit_training(cluster, synth_dir, tmp_path, "srun", "train.epochs=3")
     metrics = run_dir / "metrics.jsonl"
@@ -251,3 +254,46 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, synth_dir,
     logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if "train/loss" in x]
     assert logged == sorted(set(logged)) and logged[0] == 2 and summary["steps"] == 3 * steps_per_epoch
     assert set(range(2, summary["steps"] + 1, 2)) <= set(logged)
+
+
+# ------------------------------------------------------------------ the helpers alone (fast, no cluster needed)
+
+
+def _job_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_job", ROOT / "slurm" / "job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_helper_procs_per_node_port_and_hostfile(tmp_path):
+    job = _job_module()
+    assert job.procs_per_node({"SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "8"}) == 8
+    assert job.procs_per_node({"SLURM_GPUS_ON_NODE": "0", "SLURM_NTASKS_PER_NODE": "2(x3),1"}) == 2
+    assert job.procs_per_node({"NLIP_PROCS_PER_NODE": "4", "SLURM_GPUS_ON_NODE": "8"}) == 4
+    assert job.procs_per_node({}) == 1
+    assert job.master_port("20001") != job.master_port("20002")
+    assert all(job.PORT_BASE <= job.master_port(str(j)) < job.PORT_BASE + job.PORT_SPAN for j in (1, 99_999))
+    job.write_hostfile(tmp_path / "h", ["gpu-a", "gpu-b"], 8)
+    assert (tmp_path / "h").read_text() == "gpu-a slots=8\ngpu-b slots=8\n"
+
+
+def test_finish_without_marker_keeps_the_training_status(tmp_path):
+    assert _job_module().cmd_finish(str(tmp_path), "3") == 3
+
+
+def test_preemption_records_signal_agrees_and_exits_with_marker(tmp_path):
+    from nlip_ds.train.preempt import MARKER, Preemption
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with Preemption() as preempt:
+        assert not preempt.agreed("cpu")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preempt.agreed("cpu")
+        with pytest.raises(SystemExit) as exit_info:
+            preempt.exit(str(tmp_path), 12, "step12")
+    assert exit_info.value.code == 0
+    assert json.loads((tmp_path / MARKER).read_text()) == {"signal": "SIGUSR1", "step": 12, "checkpoint": "step12"}
+    assert signal.getsignal(signal.SIGUSR1) is before  # the previous handler is back
