@@ -215,8 +215,9 @@ def _explain(cluster, out: Path) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_two_node_deepspeed_job_trains(cluster, synth_dir, tmp_path):
-    job, run_dir, out = _submit_training(cluster, synth_dir, tmp_path, "deepspeed", "train.epochs=1")
+@pytest.mark.parametrize("launch", ["deepspeed", "deepspeed-slurm"])
+def test_two_node_deepspeed_job_trains(cluster, synth_dir, tmp_path, launch):
+    job, run_dir, out = _submit_training(cluster, synth_dir, tmp_path, launch, "train.epochs=1")
     info = cluster.wait(job)
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", _explain(cluster, out)
     hosts = (run_dir / f"hostfile.{job}").read_text().split("\n")
@@ -230,7 +231,9 @@ def test_two_node_deepspeed_job_trains(cluster, synth_dir, tmp_path):
     assert len(list(ckpt.glob("zero_pp_rank_*_model_states.pt"))) == 2
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
     text = out.read_text()
-    assert "launch deepspeed" in text and "2 rank(s) via deepspeed" in text
+    # The per-node launchers export RANK; under DeepSpeed's slurm launcher the ranks come from SLURM_PROCID.
+    assert f"launch {launch}," in text
+    assert ("2 rank(s) via deepspeed" if launch == "deepspeed" else "2 rank(s) via slurm") in text
 
 
 @pytest.mark.slurm
