@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -57,6 +58,12 @@ def _slurm_master_addr(env) -> str:
         return nodelist.split(",")[0].split("[")[0]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def resolve_topology(env=None) -> Topology:
     """Work out rank, local rank, world size and rendezvous address from the launcher's environment."""
     env = os.environ if env is None else env
@@ -71,6 +78,9 @@ def resolve_topology(env=None) -> Topology:
         addr = env.get("MASTER_ADDR") or _slurm_master_addr(env)
         return Topology(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                         addr, port, "slurm")
+    # One process rendezvous only with itself: any free port does, and the fixed default collides with every other
+    # single-process run on the machine (EADDRINUSE).
+    port = port if "MASTER_PORT" in env else _free_port()
     return Topology(0, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

@@ -21,7 +21,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TIMEOUT = 600
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def _free_port() -> int:
@@ -76,6 +75,8 @@ def single_node(synth_dir, tokenizer, tmp_path_factory) -> dict[int, float]:
     return _losses(run)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_deepspeed_two_launchers_no_ssh_match_one_node(single_node, synth_dir, tokenizer, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")  # names only label the nodes: --no_ssh never connects
@@ -89,6 +90,8 @@ def test_deepspeed_two_launchers_no_ssh_match_one_node(single_node, synth_dir, t
         assert losses[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_torchrun_two_nodes_match_one_node(single_node, synth_dir, tokenizer, tmp_path):
     run, port = tmp_path / "run", str(_free_port())
     _run_all([[str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
@@ -98,3 +101,14 @@ def test_torchrun_two_nodes_match_one_node(single_node, synth_dir, tokenizer, tm
     assert losses.keys() == single_node.keys() and len(losses) >= 2
     for step, value in single_node.items():
         assert losses[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+def test_single_process_without_master_port_takes_a_free_port():
+    """Two plain `nlip-ds train` processes on one machine must not both bind the default port 29500."""
+    from nlip_ds.distributed import DEFAULT_MASTER_PORT, resolve_topology
+
+    t = resolve_topology({})
+    assert t.launcher == "single" and t.master_port != DEFAULT_MASTER_PORT
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", t.master_port))  # free at the time of asking
+    assert resolve_topology({"MASTER_PORT": "1234"}).master_port == 1234
