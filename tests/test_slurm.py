@@ -287,16 +287,17 @@ def test_finish_without_marker_keeps_the_training_status(tmp_path):
     assert _job_module().cmd_finish(str(tmp_path), "3") == 3
 
 
-def test_preemption_records_signal_agrees_and_exits_with_marker(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_records_signal_agrees_and_exits_with_marker(tmp_path, sig):
     from nlip_ds.train.preempt import MARKER, Preemption
 
-    before = signal.getsignal(signal.SIGUSR1)
+    before = signal.getsignal(sig)
     with Preemption() as preempt:
         assert not preempt.agreed("cpu")
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), sig)
         assert preempt.agreed("cpu")
         with pytest.raises(SystemExit) as exit_info:
             preempt.exit(str(tmp_path), 12, "step12")
     assert exit_info.value.code == 0
-    assert json.loads((tmp_path / MARKER).read_text()) == {"signal": "SIGUSR1", "step": 12, "checkpoint": "step12"}
-    assert signal.getsignal(signal.SIGUSR1) is before  # the previous handler is back
+    assert json.loads((tmp_path / MARKER).read_text()) == {"signal": sig.name, "step": 12, "checkpoint": "step12"}
+    assert signal.getsignal(sig) is before  # the previous handler is back
