@@ -250,14 +250,19 @@ class Report:
                 "skipped": self.skipped, "shards": self.shards}
 
 
+def _read_bytes(path: Path, *, missing: str, unreadable: str) -> bytes:
+    """A file's bytes, or a SkipError with the given reason that names the file."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SkipError(missing, f"{path} does not exist") from None
+    except OSError as exc:
+        raise SkipError(unreadable, f"{path}: {exc.strerror or exc}") from None
+
+
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
     """The bytes to store and their extension; JPEG/PNG/WebP stay as they are, other formats become PNG."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SkipError("missing_image", f"{path} does not exist") from None
-    except OSError as exc:
-        raise SkipError("unreadable_image", f"{path}: {exc.strerror or exc}") from None
+    data = _read_bytes(path, missing="missing_image", unreadable="unreadable_image")
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:
@@ -387,12 +392,7 @@ def convert_image_folder(folder, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, 
 
 def _folder_sample(image: Path, folder: Path):
     sidecar = image.with_suffix(".txt")
-    try:
-        raw = sidecar.read_bytes()
-    except FileNotFoundError:
-        raise SkipError("missing_caption", f"{sidecar} does not exist") from None
-    except OSError as exc:
-        raise SkipError("missing_caption", f"{sidecar}: {exc}") from None
+    raw = _read_bytes(sidecar, missing="missing_caption", unreadable="missing_caption")
     try:
         caption = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
