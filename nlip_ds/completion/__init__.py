@@ -1,0 +1,6 @@
+"""Noise-completion: concept vocabulary and retrieval (concepts.py), `nlip-ds caption` (caption_cli.py)."""
+from nlip_ds.completion.concepts import (DEFAULT_TEMPLATE, DEFAULT_VOCABULARY, ConceptCache, build_vocabulary,
+                                         load_vocabulary, write_vocabulary)
+
+__all__ = ["DEFAULT_TEMPLATE", "DEFAULT_VOCABULARY", "ConceptCache", "build_vocabulary", "load_vocabulary",
+           "write_vocabulary"]
