@@ -88,7 +88,7 @@ setup(
     description="Noise-robust language-image pre-training (NLIP) on DeepSpeed ZeRO-3",
     python_requires=">=3.10",
     packages=find_packages(include=["nlip_ds", "nlip_ds.*"]),
-    package_data={"nlip_ds": ["resources/*"]},
+    package_data={"nlip_ds": ["resources/*"], "nlip_ds.completion": ["default_concepts.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["nlip-ds = nlip_ds.cli:main"]},
