@@ -36,7 +36,7 @@ import math
 import random
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import webdataset as wds
@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nlip_ds.config import ConfigError
 from nlip_ds.data.samples import SampleError, SkipCounter, collate, crop_rng, decode_sample, eval_transform, \
-    gather, train_transform
+    gather, raw_sample_id, tar_reason, train_transform
 from nlip_ds.data.shards import Shard, expand_pattern, shard_counts
 from nlip_ds.data.tokenizer import Tokenizer
 
@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 STATE_VERSION = 1
+SKIP_CHECK_MIN_SEEN = 1000  # samples a rank must have seen before the skip rate is checked mid-epoch (noise)
+
+
+class SkipRateError(RuntimeError):
+    """More than data.max_skip_rate of the samples were skipped: the run stops instead of training on them."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +151,28 @@ def shard_urls(shards) -> Iterator[dict]:
         yield {"url": str(shard.path)}
 
 
-def resampled_urls(spec: LoaderSpec, rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
+def read_shards(shards: Iterable[Shard], counter: SkipCounter) -> Iterator[dict]:
+    """Raw samples {"__key__", "__url__", ext: bytes} of each shard in turn. A tar error is counted by reason
+    (naming the shard and the last key read before it) and ends that shard; samples that the index lists but
+    the shard did not yield (a truncated tar, a corrupt member header) are counted as `short_shard`."""
+    for shard in shards:
+        read, last_key = 0, None
+
+        def handler(exn: Exception) -> bool:
+            where = f"after key {last_key}" if last_key is not None else "before the first sample"
+            message = exn.args[0] if exn.args else ""
+            counter.count(tar_reason(exn), f"{shard.path} {where}: {type(exn).__name__}: {message}")
+            return True
+
+        for sample in wds.tarfile_samples([{"url": str(shard.path)}], handler=handler):
+            read, last_key = read + 1, sample["__key__"]
+            yield sample
+        if read < shard.num_samples:
+            counter.count("short_shard", f"{shard.path}: {read} of the {shard.num_samples} samples its index "
+                          f"lists (last key {last_key})", n=shard.num_samples - read)
+
+
+def resampled_shards(spec: LoaderSpec, rng: random.Random, counter: SkipCounter) -> Iterator[Shard]:
     """Endless weighted draws of shards; stops the run if a long series of draws yields no good sample (every
     shard holds a sample, so the shuffle buffer is full and decoding has begun after shuffle_buffer draws)."""
     patience, last_good = 2 * len(spec.shards) + 10 + spec.shuffle_buffer, -1
@@ -156,7 +182,23 @@ def resampled_urls(spec: LoaderSpec, rng: random.Random, counter: SkipCounter) -
                 raise RuntimeError(f"{counter.where}: {patience} shard draws gave no readable sample")
             last_good = counter.good
         source = rng.choices(spec.sources, weights=spec.weights)[0]
-        yield {"url": str(rng.choice(source).path)}
+        yield rng.choice(source)
+
+
+def _drop_duplicates(src, counter: SkipCounter):
+    """Skip a sample whose id this stream already read in this epoch (the same key in two shards, or a shard
+    listed twice); the first occurrence is kept, whether or not it decodes. Runs before the resume cursor, so a
+    resumed stream drops the same samples as the uninterrupted one."""
+    seen: set[int] = set()
+    for raw in src:
+        sample_id = raw_sample_id(raw)
+        if sample_id is not None:
+            if sample_id in seen:
+                counter.count("duplicate_key", f"{raw.get('__url__')} key {raw.get('__key__')}: sample id "
+                              f"{sample_id} was already read in this epoch")
+                continue
+            seen.add(sample_id)
+        yield raw
 
 
 def _with_pads(src, shards, count: int):
@@ -209,6 +251,7 @@ def _decode(src, counter: SkipCounter, max_pixels: int):
 
 
 with_pads = wds.pipelinefilter(_with_pads)
+drop_duplicates = wds.pipelinefilter(_drop_duplicates)
 decode = wds.pipelinefilter(_decode)
 
 
@@ -249,14 +292,14 @@ def worker_stages(spec: LoaderSpec, epoch: int, worker: int, task: WorkerTask, c
     """The stages of one worker's stream up to tokenization, in order."""
     if spec.resampled:
         draws = random.Random(f"nlip-resample/{spec.seed}/{epoch}/{spec.rank}/{worker}")
-        shard_list = lambda: resampled_urls(spec, draws, counter)  # noqa: E731
+        shards = lambda: resampled_shards(spec, draws, counter)  # noqa: E731
     else:
-        shard_list = lambda: shard_urls(task.shards)  # noqa: E731
+        shards = lambda: task.shards  # noqa: E731
     shuffle = spec.train and spec.shuffle_buffer > 1
     shuffle_rng = random.Random(f"nlip-samples/{spec.seed}/{epoch}/{spec.rank}/{worker}")
     return [
-        shard_list,
-        wds.tarfile_to_samples(handler=counter.handler),
+        lambda: read_shards(shards(), counter),
+        drop_duplicates(counter) if not spec.resampled else None,  # resampling repeats samples on purpose
         with_pads(task.pad_shards, task.pads) if task.pads else None,
         wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=shuffle_rng) if shuffle else None,
         cursor,
@@ -398,6 +441,7 @@ class Loader:
         self.epoch = 0
         self._progress: Optional[Progress] = None
         self._resume: Optional[Progress] = None
+        self._past_skipped: Counter = Counter()  # skips of the passes before the current one (stats, state)
 
     # -- epoch and size
 
@@ -405,6 +449,7 @@ class Loader:
         """Select the epoch to iterate; a position restored for this same epoch is kept."""
         if self._resume is not None and self._resume.epoch != epoch:
             logger.info("set_epoch(%d) discards the restored position in epoch %d", epoch, self._resume.epoch)
+            self._past_skipped.update(self._resume.skipped)
             self._resume = None
         self.epoch = epoch
 
@@ -424,6 +469,8 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan()
+        if self._resume is None and self._progress is not None:
+            self._past_skipped.update(self._progress.skipped)
         progress = self._resume or Progress(self.epoch, self.spec.streams)
         self._resume, self._progress = None, progress
         chunks = self._chunks(WorkerStreams(self.spec, plan, self.epoch, progress.starts()))
@@ -439,10 +486,11 @@ class Loader:
                         ref = next(extra)
                     refs.append(ref)
                 progress.batches, progress.samples = progress.batches + 1, progress.samples + size
+                self._check_skip_rate(progress, final=False)
                 yield gather(refs)
         finally:
             chunks.close()
-        self._check_skip_rate(progress)
+        self._check_skip_rate(progress, final=True)
 
     def _chunks(self, streams: WorkerStreams) -> Iterator[dict]:
         if self.spec.workers == 0:
@@ -476,12 +524,20 @@ class Loader:
         raise RuntimeError(f"{self.spec.split}: rank {self.spec.rank} found no readable sample in its shards "
                            f"to fill epoch {self.epoch}")
 
-    def _check_skip_rate(self, progress: Progress) -> None:
+    def _check_skip_rate(self, progress: Progress, final: bool) -> None:
+        """Stop when the skipped share of the samples seen this epoch passes data.max_skip_rate: at the end of
+        the epoch, and after every batch once SKIP_CHECK_MIN_SEEN samples were seen (fewer are too noisy)."""
         skipped = sum(progress.skipped.values())
         seen = progress.samples - progress.pads + skipped
-        if seen and skipped / seen > self.spec.max_skip_rate:
-            raise RuntimeError(f"{self.spec.split}: {skipped} of {seen} samples skipped in epoch {self.epoch} "
-                               f"({dict(progress.skipped)}), above data.max_skip_rate={self.spec.max_skip_rate}")
+        ceiling = self.spec.max_skip_rate
+        if not seen or (seen < SKIP_CHECK_MIN_SEEN and not final) or skipped / seen <= ceiling:
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(progress.skipped.items()))
+        raise SkipRateError(
+            f"{self.spec.split} data: {skipped} of {seen} samples skipped ({skipped / seen:.1%}) on rank "
+            f"{self.spec.rank} in epoch {progress.epoch} after {progress.batches} batches, above "
+            f"data.max_skip_rate={ceiling} ({ceiling:.1%}); by reason: {reasons}. Stopping instead of training on "
+            "bad data: repair or remove the shards the warnings name, or raise data.max_skip_rate.")
 
     # -- position
 
@@ -494,7 +550,8 @@ class Loader:
     def state_dict(self) -> dict:
         """The position: epoch, batches consumed, and how far each worker's stream was consumed."""
         progress = self._resume or self._progress or Progress(self.epoch, self.spec.streams)
-        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), **progress.as_dict()}
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), **progress.as_dict(),
+                "skipped_before": dict(self._past_skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` with the very next sample at the next iteration (of state's epoch)."""
@@ -507,15 +564,20 @@ class Loader:
                              ", ".join(f"{k} {now!r} vs {saved!r}" for k, (now, saved) in mismatch.items()))
         fields = {k: state[k] for k in ("batches", "samples", "pads", "extra_pads", "rr", "pos", "delivered",
                                         "ended", "skipped")}
-        self._resume = Progress(state["epoch"], self.spec.streams, **fields)
+        self._resume, self._progress = Progress(state["epoch"], self.spec.streams, **fields), None
+        self._past_skipped = Counter(state.get("skipped_before", {}))  # absent in states of older versions
         self.epoch = state["epoch"]
 
     def stats(self) -> dict:
-        """This epoch so far: batches, samples, pad samples (of which `extra_pads` replace samples lost to
-        corruption) and skipped items by reason."""
+        """This rank's counts. This epoch so far: batches, samples, pad samples (of which `extra_pads` replace
+        samples lost to corruption) and `skipped` items by reason (all workers together). `skipped_total`: the
+        same over every pass of this loader so far (all epochs, also those before a resume), for
+        `data/skipped/<reason>` curves. Sum over ranks for the whole run."""
         p = self._progress or self._resume or Progress(self.epoch, self.spec.streams)
+        total = self._past_skipped + p.skipped
         return {"epoch": p.epoch, "batches": p.batches, "samples": p.samples, "pad_samples": p.pads,
-                "extra_pads": p.extra_pads, "skipped": dict(sorted(p.skipped.items()))}
+                "extra_pads": p.extra_pads, "skipped": dict(sorted(p.skipped.items())),
+                "skipped_total": dict(sorted(total.items()))}
 
 
 # ------------------------------------------------------------------------------------------------ building

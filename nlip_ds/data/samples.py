@@ -17,7 +17,11 @@ import logging
 import math
 import random
 import tarfile
+import time
+import warnings
 from collections import Counter
+from typing import Optional
+
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -55,30 +59,37 @@ def tar_reason(exn: Exception) -> str:
     return "tar_error"
 
 
+def printable(text: str, limit: int = 300) -> str:
+    """`text` safe for any log stream: surrogates from undecodable tar names escaped, cut at `limit`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
 class SkipCounter:
-    """Counts skipped items by reason and logs them at a decaying rate (1st, 10th, 100th, ... per reason).
+    """Counts skipped items by reason and logs them at a limited rate, per reason: the 1st, 10th, 100th, ...
+    occurrence, and otherwise at most one line every `log_interval` seconds (each line gives the count so far).
 
     Counts wait in `pending` until the next good sample carries them out (`drain`), so the main process adds
     them exactly when it consumes that sample: the counts then match the loader's position, also on resume.
     """
 
-    def __init__(self, where: str):
-        self.where = where
+    def __init__(self, where: str, log_interval: float = 60.0, clock=time.monotonic):
+        self.where, self.log_interval, self.clock = where, log_interval, clock
         self.pending: Counter = Counter()
         self.totals: Counter = Counter()
+        self.last_logged: dict[str, float] = {}
         self.good = 0
 
-    def count(self, reason: str, detail: str) -> None:
-        self.pending[reason] += 1
-        self.totals[reason] += 1
-        n = self.totals[reason]
-        if n == 10 ** int(math.log10(n)):
-            logger.warning("%s: skipped (%s, occurrence %d): %s", self.where, reason, n, detail[:300])
-
-    def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler: count and continue."""
-        self.count(tar_reason(exn), f"{type(exn).__name__}: {exn}")
-        return True
+    def count(self, reason: str, detail: str, n: int = 1) -> None:
+        """Count `n` skipped items of `reason`; `detail` names the shard and key."""
+        before = self.totals[reason]
+        self.pending[reason] += n
+        self.totals[reason] += n
+        now = self.clock()
+        decade = len(str(self.totals[reason])) > len(str(before))  # passed 1, 10, 100, ...
+        if decade or now - self.last_logged.get(reason, -math.inf) >= self.log_interval:
+            self.last_logged[reason] = now
+            logger.warning("%s: skipped %s (%d so far): %s", self.where, reason, self.totals[reason],
+                           printable(detail))
 
     def drain(self) -> dict:
         out, self.pending = dict(self.pending), Counter()
@@ -92,29 +103,74 @@ class SkipCounter:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An RGB image; raises SampleError. The pixel count is checked from the header, before any decoding."""
+    if not data:
+        raise SampleError("empty_image", "zero bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            img = Image.open(io.BytesIO(data))
         if img.width * img.height > max_pixels:
-            raise SampleError("image_too_large", f"{img.width}x{img.height} pixels")
-        return img.convert("RGB")
-    except Image.DecompressionBombError as exc:
+            raise SampleError("image_too_large", f"{img.width}x{img.height} pixels, above {max_pixels}")
+        if img.width < 1 or img.height < 1:
+            raise SampleError("undecodable_image", f"{img.width}x{img.height} pixels")
+        return to_rgb(img)
+    except SampleError:
+        raise
+    except Image.DecompressionBombError as exc:  # above PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
         raise SampleError("image_too_large", str(exc)) from None
     except UnidentifiedImageError:
         raise SampleError("undecodable_image", "not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SampleError("undecodable_image", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - PIL's format plugins raise many kinds of errors on bad bytes
+        raise SampleError("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+
+
+WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: 16-bit, 32-bit and float gray scaled to 0..255 (not clipped), transparency
+    composited over white, CMYK, palette, gray and the rest through PIL's conversion."""
+    if img.mode in WIDE_MODES or img.mode in ("I", "F"):
+        img = _gray_to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA") if img.mode != "La" else img.convert("LA").convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """A wide gray image as mode L. Full scale: 65535 for the 16-bit modes; for I and F the smallest of
+    1 (float), 255, 65535 that holds the values, else the image's own range."""
+    full = WIDE_MODES.get(img.mode)
+    img = img.convert("F")
+    lo, hi = img.getextrema()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise SampleError("undecodable_image", "non-finite pixel values")
+    if full is None:
+        full = next((f for f in (1.0, 255.0, 65535.0) if lo >= 0 and hi <= f), None)
+    if full is None:
+        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
+    else:
+        scale, offset = 255.0 / full, 0.0
+    return img.point(lambda v: (v - offset) * scale + 0.5).convert("L")
 
 
 def _caption(sample: dict) -> str:
+    """The training caption. Invalid UTF-8 is skipped, not repaired (a caption in another encoding would train
+    as mojibake); a leading byte-order mark is dropped."""
     if "txt" not in sample:
         raise SampleError("missing_caption")
     try:
-        caption = sample["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SampleError("bad_caption", "not UTF-8") from None
+        caption = sample["txt"].decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise SampleError("non_utf8_caption", str(exc)) from None
     if not caption:
-        raise SampleError("missing_caption", "empty")
+        raise SampleError("empty_caption", "empty or white space")
     return caption
+
+
+INT64_MAX = 2 ** 63 - 1
 
 
 def _metadata(sample: dict) -> dict:
@@ -122,31 +178,45 @@ def _metadata(sample: dict) -> dict:
         return {}
     try:
         meta = json.loads(sample["json"])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SampleError("bad_metadata", "not JSON") from None
     if not isinstance(meta, dict):
         raise SampleError("bad_metadata", "not a JSON object")
+    for name, lo in (("sample_id", 0), ("label", -1)):
+        value = meta.get(name)
+        if type(value) is int and not lo <= value <= INT64_MAX:
+            raise SampleError("bad_metadata", f"{name} {value} outside {lo}..2^63-1")
     return meta
 
 
 def stable_id(sample: dict, meta: dict) -> int:
     """The sample id: metadata's sample_id, else a numeric key, else a 62-bit hash of shard name and key."""
-    if isinstance(meta.get("sample_id"), int):
+    if type(meta.get("sample_id")) is int:
         return meta["sample_id"]
     key = sample["__key__"].rsplit("/", 1)[-1]
-    if key.isdigit():
+    if key.isascii() and key.isdigit() and int(key) <= INT64_MAX:
         return int(key)
     name = f"{str(sample.get('__url__', '')).rsplit('/', 1)[-1]}/{key}"
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 2
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
+
+
+def raw_sample_id(sample: dict) -> Optional[int]:
+    """The id of an undecoded sample, None when its metadata is unusable (decoding will skip it)."""
+    try:
+        return stable_id(sample, _metadata(sample))
+    except SampleError:
+        return None
 
 
 def _label(sample: dict, meta: dict) -> int:
-    if isinstance(meta.get("label"), int):
+    if type(meta.get("label")) is int:
         return meta["label"]
     try:
-        return int(sample["cls"].decode().strip())
+        label = int(sample["cls"].decode().strip())
     except (KeyError, ValueError, UnicodeDecodeError):
         return -1
+    return label if -1 <= label <= INT64_MAX else -1
 
 
 def decode_sample(sample: dict, max_pixels: int) -> dict:
@@ -156,10 +226,10 @@ def decode_sample(sample: dict, max_pixels: int) -> dict:
     if ext is None:
         raise SampleError("missing_image")
     meta = _metadata(sample)
-    objects = meta.get("objects")
+    objects, noise = meta.get("objects"), meta.get("noise_type")
     return {"image": decode_image(sample[ext], max_pixels), "caption": _caption(sample),
             "sample_id": stable_id(sample, meta), "label": _label(sample, meta),
-            "noise_type": NOISE_CODES.get(meta.get("noise_type"), -1),
+            "noise_type": NOISE_CODES.get(noise, -1) if isinstance(noise, str) else -1,
             "objects": [str(o) for o in objects] if isinstance(objects, list) else []}
 
 
@@ -197,8 +267,21 @@ def train_transform(img: Image.Image, size: int, scale_min: float, rng: random.R
 def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
     """(3, size, size) uint8: the short side resized to `size`, then the centre square."""
     if img.size != (size, size):
-        img = TF.center_crop(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC), [size, size])
+        img = TF.center_crop(TF.resize(_trim_long_side(img), size, interpolation=TF.InterpolationMode.BICUBIC),
+                             [size, size])
     return to_tensor(img)
+
+
+def _trim_long_side(img: Image.Image, ratio: int = 3) -> Image.Image:
+    """The centre of an image whose long side is over `ratio` x its short side. Only the centre square is kept
+    anyway, and without this a thin strip (say 1 x 10^7 pixels) would be resized to size x 10^7 size pixels."""
+    w, h = img.size
+    short = min(w, h)
+    if max(w, h) <= ratio * short:
+        return img
+    long = ratio * short
+    left, top = (w - min(w, long)) // 2, (h - min(h, long)) // 2
+    return img.crop((left, top, left + min(w, long), top + min(h, long)))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
