@@ -509,20 +509,28 @@ class Loader:
             del iterator  # shuts the worker processes down, also when the epoch is abandoned
 
     def _extra_pads(self, plan: EpochPlan, progress: Progress) -> Iterator[tuple[dict, int]]:
-        """Pads for samples lost to corruption: the start of the rank's list (worker 0's shards), cycled, read
-        in the main process. Rare, so those consumed before a checkpoint are decoded again on resume."""
+        """Pads for samples lost to corruption: the good samples of the rank's list (worker 0's shards), read in
+        the main process in passes over those shards until the epoch is full. Every pass reads the same samples
+        (eval transform), so those consumed before a checkpoint are skipped on resume by count; they are rare."""
         shards = plan.worker_shards[0] if plan.worker_shards else tuple(self.spec.shards)
         spec = replace(self.spec, train=False, resampled=False)
         counter = SkipCounter(f"{spec.split} rank {spec.rank} extra pads")
-        needed = progress.extra_pads + plan.rank_samples - progress.samples  # bounds the raw reads
-        task = WorkerTask(pad_shards=shards, pads=needed)
-        records = wds.DataPipeline(*worker_stages(spec, self.epoch, 0, task, counter, ResumeCursor(0, counter)))
-        for record in itertools.islice(records, progress.extra_pads, None):  # those before a resume: used
-            progress.extra_pads += 1
-            progress.pads += 1
-            yield collate([record]), 0
-        raise RuntimeError(f"{self.spec.split}: rank {self.spec.rank} found no readable sample in its shards "
-                           f"to fill epoch {self.epoch}")
+        task = WorkerTask(pad_shards=shards, pads=max(1, sum(s.num_samples for s in shards)))  # one pass
+        used = progress.extra_pads  # before a resume
+        while True:
+            found = 0
+            for record in wds.DataPipeline(*worker_stages(spec, self.epoch, 0, task, counter,
+                                                          ResumeCursor(0, counter))):
+                found += 1
+                if used:
+                    used -= 1
+                    continue
+                progress.extra_pads += 1
+                progress.pads += 1
+                yield collate([record]), 0
+            if not found:
+                raise RuntimeError(f"{self.spec.split}: rank {self.spec.rank} found no readable sample in its "
+                                   f"shards to fill epoch {self.epoch}")
 
     def _check_skip_rate(self, progress: Progress, final: bool) -> None:
         """Stop when the skipped share of the samples seen this epoch passes data.max_skip_rate: at the end of

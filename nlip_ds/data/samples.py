@@ -48,6 +48,13 @@ class SampleError(Exception):
 
 # ------------------------------------------------------------------------------------------------ skip-and-count
 
+# Every reason the loader counts a skip under (short identifiers: TensorBoard logs them as data/skipped/<reason>).
+# Tar level, one per error: corrupt_tar, unreadable_shard, duplicate_member, tar_error. Sample level, one per
+# sample: short_shard (listed in index.json, lost by the tar), duplicate_key, and the decode reasons after it.
+SKIP_REASONS = ("corrupt_tar", "unreadable_shard", "duplicate_member", "tar_error", "short_shard", "duplicate_key",
+                "missing_image", "empty_image", "undecodable_image", "image_too_large", "missing_caption",
+                "empty_caption", "non_utf8_caption", "bad_metadata")
+
 
 def tar_reason(exn: Exception) -> str:
     if isinstance(exn, (tarfile.TarError, EOFError)):

@@ -472,11 +472,17 @@ def inspect(path_or_pattern, max_examples: int = 3) -> dict:
 
 
 def _inspect_shards(paths: list[Path], max_examples: int) -> dict:
+    """One split's summary; `duplicate_keys` counts samples whose key an earlier sample of the split had (the
+    loader sees a repeat only within one worker's shards, so this is the dataset-wide check)."""
     errors: Counter = Counter()
     words, noise, examples, count = [], Counter(), [], 0
+    keys, duplicates = set(), []
     for path in paths:
         for sample in iter_tar_samples(path, errors):
             count += 1
+            if sample["__key__"] in keys:
+                duplicates.append(f"{path.name}:{sample['__key__']}")
+            keys.add(sample["__key__"])
             caption = sample.get("txt", b"").decode("utf-8", "replace")
             meta = _meta(sample, errors)
             words.append(len(caption.split()))
@@ -486,7 +492,8 @@ def _inspect_shards(paths: list[Path], max_examples: int) -> dict:
                 examples.append(_example(sample, caption, meta))
     return {"shards": [str(p) for p in paths], "num_shards": len(paths), "num_samples": count,
             "caption_words": _stats(words), "noise_types": dict(sorted(noise.items())),
-            "read_errors": dict(errors), "examples": examples}
+            "read_errors": dict(errors), "duplicate_keys": len(duplicates), "duplicates": duplicates[:max_examples],
+            "examples": examples}
 
 
 def _meta(sample: dict, errors: Counter) -> dict:
@@ -527,5 +534,7 @@ def format_inspect(summary: dict) -> str:
                                                        for k, v in s["noise_types"].items()))
         if s["read_errors"]:
             lines.append("  read errors: " + ", ".join(f"{k} {v}" for k, v in s["read_errors"].items()))
+        if s["duplicate_keys"]:
+            lines.append(f"  duplicate keys: {s['duplicate_keys']} (e.g. {', '.join(s['duplicates'])})")
         lines += [f"  e.g. {json.dumps(e, ensure_ascii=False)}" for e in s["examples"]]
     return "\n".join(lines)
