@@ -184,6 +184,8 @@ class MonitorConfig:
     log_every: int = opt(10, "steps between metric logs (cross-rank reductions happen only then)", lo=1)
     progress: bool = opt(True, "progress bar on rank 0")
     histogram_every_refit: bool = opt(True, "loss histograms and mixture plot at each GMM refit")
+    save_refit_data: bool = opt(False, "also write each refit's losses, ground truth, epsilon and mixture to "
+                                "RUN/noise/refit_*.pt (for offline plots; 17 bytes per sample)")
 
 
 @dataclass

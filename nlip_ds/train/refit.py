@@ -6,6 +6,10 @@ identical inputs: no broadcast, and the result does not depend on the number of 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
+
+import torch
 
 from nlip_ds.config import Config
 from nlip_ds.monitor import MetricSink
@@ -33,12 +37,14 @@ def refit(cfg: Config, state: RunState, sink: MetricSink) -> dict:
     state.samples_since_refit = 0
     if cfg.noise.refit_every:
         state.bank.set_epoch(state.bank.epoch + 1)  # the next window starts now
-    _log_refit(cfg, state, sink, fit, losses, flags, metrics)
+    _log_refit(cfg, state, sink, fit, ids, losses, flags, metrics)
     return metrics
 
 
-def _log_refit(cfg: Config, state: RunState, sink: MetricSink, fit, losses, flags, metrics: dict) -> None:
+def _log_refit(cfg: Config, state: RunState, sink: MetricSink, fit, ids, losses, flags, metrics: dict) -> None:
     sink.log(metrics, state.step)
+    if sink.enabled and cfg.monitor.save_refit_data:
+        _save_refit_data(cfg, state, fit, ids, losses, flags)
     if sink.enabled and cfg.monitor.histogram_every_refit:
         from nlip_ds.noise.plots import render_fit_histogram
 
@@ -48,3 +54,16 @@ def _log_refit(cfg: Config, state: RunState, sink: MetricSink, fit, losses, flag
     auc = f", AUC {metrics['noise/auc']:.3f}" if "noise/auc" in metrics else ""
     logger.info("noise refit at epoch %d on %d samples: estimated noise rate %.3f%s", state.epoch,
                 losses.numel(), metrics.get("noise/rate", float("nan")), auc)
+
+
+def _save_refit_data(cfg: Config, state: RunState, fit, ids, losses, flags) -> None:
+    """RUN/noise/refit_e<epoch>_s<step>.pt: what this fit saw and decided, loadable with weights_only=True
+    (benchmarks/noise_robustness.py draws its histograms and ROC curves from these)."""
+    out = Path(cfg.train.output_dir) / "noise" / f"refit_e{state.epoch:03d}_s{state.step:07d}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"epoch": state.epoch, "step": state.step, "fit": fit.state_dict(), "ids": ids.cpu(),
+              "losses": losses.float().cpu(), "flags": flags.to(torch.int8).cpu(),
+              "epsilon": fit.posterior.float().cpu()}
+    tmp = out.with_suffix(".pt.tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, out)
