@@ -10,7 +10,11 @@ import logging
 import os
 import socket
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -166,3 +170,114 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+# ------------------------------------------------------------------------------------------ rank failure
+
+HEARTBEAT_S = 2.0  # how often every rank tells the rendezvous store it is alive
+_PREFIX = "nlip/peers/"
+
+
+class RankLostError(RuntimeError):
+    """A collective failed because another rank died, hung or stopped with its own error; the message names it."""
+
+
+class PeerWatch:
+    """Context manager that turns a failed collective into an error naming the rank that was lost.
+
+    gloo reports a dead peer within about a second ("Connection reset by peer", with an address but no rank) and a
+    hung one after the collective timeout; neither names the rank. So every rank writes a heartbeat (a counter and
+    its current step) into the rendezvous store from a daemon thread. When anything fails inside the block, the
+    rank marks itself as diagnosing, reads every heartbeat, waits three beats and reads again: a rank whose
+    counter stood still and which left no mark is lost. A rank whose failure had no lost or failed peer behind it
+    leaves its own error in the store, so that the others name it and its error. The store lives in rank 0's
+    process (torchrun: in its agent), so when it stops answering, rank 0 is the one lost.
+    """
+
+    def __init__(self, topo: Topology, interval: float = HEARTBEAT_S):
+        self.topo, self.interval = topo, interval
+        self.step: Callable[[], int] = lambda: 0  # the training step the heartbeat reports; the loop sets it
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the main thread and the heartbeat thread share one store client
+        self._store = None
+        self._beats = 0
+
+    def __enter__(self) -> "PeerWatch":
+        if self.topo.world_size > 1:
+            self._store = dist.TCPStore(self.topo.master_addr, self.topo.master_port, is_master=False,
+                                        timeout=timedelta(seconds=30), wait_for_workers=False)
+            self._beat()
+            threading.Thread(target=self._run, name="nlip-heartbeat", daemon=True).start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._store is not None and isinstance(exc, Exception):
+                report = self.explain(exc)
+                if report:
+                    logger.error("%s", report)
+                    raise RankLostError(report) from exc
+        finally:
+            self._stop.set()
+
+    def _set(self, key: str, value: str) -> None:
+        with self._lock:
+            self._store.set(_PREFIX + key, value)
+
+    def _get(self, key: str) -> str | None:
+        with self._lock:
+            if not self._store.check([_PREFIX + key]):
+                return None
+            return self._store.get(_PREFIX + key).decode()
+
+    def _beat(self) -> None:
+        self._beats += 1
+        self._set(f"beat/{self.topo.rank}", f"{self._beats} {self.step()}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except (RuntimeError, OSError):  # the store is gone with rank 0: explain() reports it
+                return
+
+    def _read(self) -> dict[int, tuple[str | None, str | None]]:
+        """rank -> (heartbeat "count step", mark) of every other rank."""
+        return {r: (self._get(f"beat/{r}"), self._get(f"mark/{r}"))
+                for r in range(self.topo.world_size) if r != self.topo.rank}
+
+    def explain(self, exc: BaseException) -> str | None:
+        """A report naming the lost ranks (or those that stopped with their own error), or None when every peer
+        is alive and well: then the failure is this rank's own, and its mark tells the peers so."""
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        try:
+            lost, failed = self._survey()
+            mine = "exiting after a peer failure" if lost or failed else f"error: {type(exc).__name__}: {first_line}"
+            self._set(f"mark/{self.topo.rank}", mine)
+        except (RuntimeError, OSError) as store_exc:
+            if self.topo.rank == 0 or self.topo.launcher == "torchrun":
+                return None
+            lost, failed = [f"rank 0 (the rendezvous store it hosts at {self.topo.master_addr}:"
+                            f"{self.topo.master_port} does not answer: {store_exc})"], []
+        if not lost and not failed:
+            return None
+        parts = [f"lost {', '.join(lost)}"] if lost else []
+        parts += [f"stopped with its own error: {', '.join(failed)}"] if failed else []
+        return f"{'; '.join(parts)}. Rank {self.topo.rank} stops too; its collective failed with: {first_line}"
+
+    def _survey(self) -> tuple[list[str], list[str]]:
+        """(lost ranks, ranks that failed with their own error), each described; takes three heartbeats."""
+        self._set(f"mark/{self.topo.rank}", "diagnosing")
+        before = self._read()
+        time.sleep(3 * self.interval)
+        after = self._read()
+        lost = [f"rank {r} ({_last_step(beat)})" for r, (beat, mark) in after.items()
+                if beat == before[r][0] and mark is None]
+        # Only marks there at the first read: ranks that fail together mark themselves during the wait.
+        failed = [f"rank {r} ({mark[len('error: '):]})" for r, (_, mark) in before.items()
+                  if mark and mark.startswith("error: ")]
+        return lost, failed
+
+
+def _last_step(beat: str | None) -> str:
+    return "no heartbeat at all" if beat is None else f"no heartbeat since step {beat.split()[1]}"

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from nlip_ds import distributed as D
-from nlip_ds.config import Config, git_sha, to_dict, write_resolved
+from nlip_ds.config import Config, ConfigError, git_sha, to_dict, write_resolved
 from nlip_ds.monitor import MetricSink, Progress, setup_logging
+from nlip_ds.noise.bank import UNKNOWN
 from nlip_ds.train import engine as E
 from nlip_ds.train.build import build_loaders, build_model, build_tokenizer
+from nlip_ds.train.nonfinite import NonFiniteGuard
 from nlip_ds.train.preempt import Preemption
 from nlip_ds.train.refit import refit
 from nlip_ds.train.state import RunState, capture_rng, restore_rng
@@ -33,7 +36,13 @@ def train(cfg: Config) -> dict:
     topo = D.resolve_topology()
     D.export_topology(topo)
     setup_logging(topo.rank)
+    check_run_folder(cfg)  # on every rank before init_distributed, which returns once all ranks joined
     E.init_distributed(cfg)
+    with D.PeerWatch(topo) as watch:  # a failed collective ends in an error that names the lost rank
+        return run_training(cfg, topo, watch)
+
+
+def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
     logger.info("%d rank(s) via %s; run folder %s", topo.world_size, topo.launcher, cfg.train.output_dir)
     torch.manual_seed(cfg.train.seed)
     if topo.is_main:
@@ -46,6 +55,7 @@ def train(cfg: Config) -> dict:
     engine = E.initialize(NLIPTask(model, cfg), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
     state = RunState.create()
     resume(engine, cfg, state, loaders["train"])
+    watch.step = lambda: state.step
     sink = MetricSink(cfg.train.output_dir, enabled=topo.is_main, tensorboard=cfg.monitor.tensorboard)
     try:
         run_epochs(engine, cfg, state, loaders["train"], sink, topo)
@@ -55,18 +65,33 @@ def train(cfg: Config) -> dict:
     return write_summary(cfg, state, results, topo)
 
 
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
+
+
+def check_run_folder(cfg: Config) -> None:
+    """Refuse an output folder that holds another run unless this run resumes (train.resume)."""
+    out = Path(cfg.train.output_dir)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not cfg.train.resume:
+        raise ConfigError(f"train.output_dir: {out} holds a previous run ({', '.join(found)}); continue it with "
+                          "train.resume=latest, or choose another train.output_dir")
+
+
 def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, topo: D.Topology) -> None:
     total = loader.num_batches * cfg.train.epochs
     batch = cfg.train.micro_batch_size * topo.world_size
     progress = Progress(total, batch, enabled=topo.is_main and cfg.monitor.progress, start_step=state.step)
     acc = MetricAccumulator()
+    guard = NonFiniteGuard(cfg, engine.device)
     with Preemption() as preempt:
         while state.epoch < cfg.train.epochs and not reached_max_steps(engine, cfg):
             start_epoch(cfg, state, loader, sink)
             for batch_ in loader:
-                train_step(engine, cfg, state, batch_, acc)
+                train_step(engine, cfg, state, batch_, acc, guard)
+                if guard.should_stop(state):  # train.max_nonfinite_steps skipped in a row
+                    stop_nonfinite(engine, cfg, state, loader, guard)
                 if state.step % cfg.monitor.log_every == 0:
-                    log_step(engine, state, acc, sink, progress)
+                    log_step(engine, state, acc, sink, progress, loader)
                     if preempt.agreed(engine.device):  # SIGTERM/SIGUSR1 on any rank: checkpoint, exit
                         save(engine, cfg, state, loader)
                         preempt.exit(cfg.train.output_dir, state.step, f"step{state.step}")
@@ -80,7 +105,7 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
                 state.epoch += 1
             save(engine, cfg, state, loader)
     if acc.count:
-        log_step(engine, state, acc, sink, progress)
+        log_step(engine, state, acc, sink, progress, loader)
     progress.close()
 
 
@@ -97,20 +122,38 @@ def reached_max_steps(engine, cfg: Config) -> bool:
     return bool(cfg.train.max_steps) and engine.global_steps >= cfg.train.max_steps
 
 
-def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAccumulator") -> None:
+def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAccumulator",
+               guard: NonFiniteGuard) -> None:
     device = engine.device
     batch = to_device(batch, device)
     ids = batch["sample_id"]
     eps = state.noise.epsilon_for(ids)  # (n,) zeros until the first fit
     terms = engine(batch, cfg.noise.lambda_ * eps, 1.0 - eps)
-    engine.backward(terms["loss"])
+    loss, finite = guard.loss_for_backward(terms["loss"])  # NaN-scaled when not finite: the engine skips the step
+    engine.backward(loss)
+    optimizer_steps, skipped_steps = engine.global_steps, engine.skipped_steps
     engine.step()
     if cfg.noise.enabled:
         # Padded repeats (exact epochs) re-enter the bank under their own id: latest wins, no double count.
-        state.bank.update(ids, terms["per_sample_loss"], flags=noise_flags(batch["noise_type"]))
+        # A non-finite loss goes in as a padding row (id -1), so the bank keeps that sample's previous loss.
+        per_sample = terms["per_sample_loss"]
+        state.bank.update(torch.where(torch.isfinite(per_sample), ids, UNKNOWN), per_sample,
+                          flags=noise_flags(batch["noise_type"]))
     state.step += 1
     state.samples_since_refit += ids.numel() * D.get_world_size()
-    acc.add({k: terms[k] for k in LOGGED_TERMS if k in terms})
+    acc.add({k: terms[k] for k in LOGGED_TERMS if k in terms}, finite)
+    if engine.global_steps != optimizer_steps:  # an accumulation boundary: the optimizer stepped or skipped
+        guard.after_optimizer_step(engine, state, skipped=engine.skipped_steps != skipped_steps)
+
+
+def stop_nonfinite(engine, cfg: Config, state: RunState, loader, guard: NonFiniteGuard) -> None:
+    """Checkpoint and stop: skipped steps changed neither model nor optimizer, so this is the last good state."""
+    message = guard.stop_message(state, str(E.checkpoint_dir(cfg) / f"step{state.step}"))
+    state.nonfinite_streak = 0  # a resumed run counts afresh
+    save(engine, cfg, state, loader)
+    if D.get_rank() == 0:
+        logger.error("%s", message)
+    raise SystemExit(1)
 
 
 def noise_flags(noise_type: torch.Tensor) -> torch.Tensor:
@@ -132,38 +175,52 @@ def should_refit_in_epoch(cfg: Config, state: RunState) -> bool:
 
 
 class MetricAccumulator:
-    """Running sums of scalar tensors, kept on device; reduced across ranks only when read."""
+    """Running sums of scalar tensors, kept on device; reduced across ranks only when read. Steps whose loss was
+    not finite (skipped steps) are left out of the means."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.finite: torch.Tensor | float = 0.0  # steps added with a finite loss, on device
         self.count = 0
 
-    def add(self, terms: dict) -> None:
+    def add(self, terms: dict, finite: torch.Tensor) -> None:
         for k, v in terms.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            v = torch.where(finite, v.detach().float(), 0.0)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.finite = self.finite + finite.float()
         self.count += 1
 
     def reduce(self) -> dict:
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys]) / self.count
+        stacked = torch.stack([self.sums[k] for k in keys] + [self.finite])
         if D.get_world_size() > 1:
             torch.distributed.all_reduce(stacked)
-            stacked /= D.get_world_size()
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, stacked.tolist()))
+        means = stacked[:-1] / stacked[-1]  # NaN when no rank had a finite step since the last log
+        self.sums, self.finite, self.count = {}, 0.0, 0
+        return dict(zip(keys, means.tolist()))
 
 
-def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, progress: Progress) -> None:
+def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, progress: Progress,
+             loader) -> None:
     metrics = {f"train/{k}": v for k, v in acc.reduce().items()}
     metrics["train/lr"] = engine.get_lr()[0]
     metrics["train/epoch"] = state.epoch
+    metrics["train/nonfinite_skipped"] = state.nonfinite_skipped
     metrics["throughput/samples_per_s"] = progress.rate(state.step)
+    metrics.update(data_skip_metrics(loader))
     sink.log(metrics, state.step)
     state.final_train = {k: v for k, v in metrics.items() if k.endswith("_loss") or k == "train/loss"}
     progress.update(state.step, state.epoch, metrics.get("train/loss"))
+
+
+def data_skip_metrics(loader) -> dict:
+    """This epoch's skipped samples by reason, summed over ranks (one gather of small dicts, at log steps)."""
+    total = Counter()
+    for skipped in D.all_gather_object(loader.stats()["skipped"]):
+        total.update(skipped)
+    return {f"data/skipped/{reason}": n for reason, n in sorted(total.items())}
 
 
 def to_device(batch: dict, device) -> dict:

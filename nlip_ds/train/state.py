@@ -24,6 +24,8 @@ class RunState:
     samples_since_refit: int = 0
     history: list = field(default_factory=list)  # one dict of noise metrics per refit
     final_train: dict = field(default_factory=dict)  # the last logged train/* means
+    nonfinite_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in this run
+    nonfinite_streak: int = 0  # of those, how many in a row up to now
 
     @classmethod
     def create(cls) -> "RunState":
@@ -33,6 +35,7 @@ class RunState:
         return {"epoch": self.epoch, "step": self.step, "last_refit_epoch": self.last_refit_epoch,
                 "samples_since_refit": self.samples_since_refit, "history": self.history,
                 "bank": self.bank.state_dict(), "noise": self.noise.state_dict(),
+                "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_streak": self.nonfinite_streak,
                 "config": config_dict, "git_sha": git_sha}
 
     def load_shared_state(self, state: dict) -> None:
@@ -40,6 +43,8 @@ class RunState:
         self.last_refit_epoch = state["last_refit_epoch"]
         self.samples_since_refit = state["samples_since_refit"]
         self.history = list(state["history"])
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent from older checkpoints
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.bank.load_state_dict(state["bank"])
         self.noise.load_state_dict(state["noise"])
 
