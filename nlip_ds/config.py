@@ -290,9 +290,12 @@ def _check_consistency(cfg: Config) -> None:
     c = cfg.completion
     if c.min_tokens > c.max_tokens:
         raise ConfigError(f"completion.min_tokens: {c.min_tokens} exceeds completion.max_tokens={c.max_tokens}")
-    if c.enabled:
-        raise ConfigError("completion.enabled: noise-completion is not implemented yet in this version "
-                          "(docs/training.md, 'Not yet'); set completion.enabled=false")
+    if c.enabled and not cfg.noise.enabled:
+        raise ConfigError("completion.enabled: noise-completion picks pairs by their noise probability and "
+                          "needs noise.enabled=true")
+    if c.enabled and c.max_tokens > cfg.model.decoder.max_length:
+        raise ConfigError(f"completion.max_tokens: {c.max_tokens} exceeds model.decoder.max_length="
+                          f"{cfg.model.decoder.max_length}")
     if cfg.data.resampled and cfg.data.samples_per_epoch is None:
         raise ConfigError("data.samples_per_epoch: required when data.resampled=true")
     unknown_tasks = set(cfg.eval.tasks) - {"zeroshot", "retrieval", "caption"}

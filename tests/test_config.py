@@ -14,7 +14,7 @@ from nlip_ds.config import ConfigError, describe, from_dict, load_config, to_dic
     ("model.vision.heads=3", "model.vision.heads: 3 does not divide model.vision.width=64"),
     ("model.vision.image_size=30", "model.vision.image_size: 30 is not a multiple of model.vision.patch_size=8"),
     ("model.mae.enabled=true", "model.mae.enabled: the MAE decoder needs model.vision.mask_ratio > 0"),
-    ("completion.enabled=true", "completion.enabled: noise-completion is not implemented yet"),
+    ("completion.enabled=true", None),
     ("noise.enabled=true", None),
     ("eval.tasks=[zeroshot,nope]", "eval.tasks: unknown task 'nope'"),
     ("data.resampled=true", "data.samples_per_epoch: required when data.resampled=true"),

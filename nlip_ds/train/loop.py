@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nlip_ds import distributed as D
+from nlip_ds.completion.completer import Completer
 from nlip_ds.config import Config, ConfigError, git_sha, to_dict, write_resolved
 from nlip_ds.monitor import MetricSink, Progress, setup_logging
 from nlip_ds.noise.bank import UNKNOWN
@@ -53,7 +54,7 @@ def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
     model = build_model(cfg, tokenizer)
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
     engine = E.initialize(NLIPTask(model, cfg), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
-    state = RunState.create()
+    state = RunState.create(completion=Completer(cfg, tokenizer) if cfg.completion.enabled else None)
     resume(engine, cfg, state, loaders["train"])
     watch.step = lambda: state.step
     sink = MetricSink(cfg.train.output_dir, enabled=topo.is_main, tensorboard=cfg.monitor.tensorboard)
@@ -128,7 +129,10 @@ def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAc
     batch = to_device(batch, device)
     ids = batch["sample_id"]
     eps = state.noise.epsilon_for(ids)  # (n,) zeros until the first fit
-    terms = engine(batch, cfg.noise.lambda_ * eps, 1.0 - eps)
+    omega = cfg.noise.lambda_ * eps
+    if state.completion is not None:  # concept prefix, synthetic captions (lockstep on every rank)
+        batch, omega = state.completion.prepare(engine.module.model, state, batch, eps, omega)
+    terms = engine(batch, omega, 1.0 - eps)
     loss, finite = guard.loss_for_backward(terms["loss"])  # NaN-scaled when not finite: the engine skips the step
     engine.backward(loss)
     optimizer_steps, skipped_steps = engine.global_steps, engine.skipped_steps
@@ -211,6 +215,8 @@ def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, 
     metrics["throughput/samples_per_s"] = progress.rate(state.step)
     metrics.update(data_skip_metrics(loader))
     sink.log(metrics, state.step)
+    if state.completion is not None:
+        state.completion.log(sink, state.step)
     state.final_train = {k: v for k, v in metrics.items() if k.endswith("_loss") or k == "train/loss"}
     progress.update(state.step, state.epoch, metrics.get("train/loss"))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -26,17 +27,20 @@ class RunState:
     final_train: dict = field(default_factory=dict)  # the last logged train/* means
     nonfinite_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in this run
     nonfinite_streak: int = 0  # of those, how many in a row up to now
+    completion: Optional[Any] = None  # completion.completer.Completer (concept cache, caption bank) when enabled
 
     @classmethod
-    def create(cls) -> "RunState":
-        return cls(bank=LossBank(), noise=NoiseState())  # the bank grows (dense or compact) as ids arrive
+    def create(cls, completion=None) -> "RunState":
+        # the bank grows (dense or compact) as ids arrive
+        return cls(bank=LossBank(), noise=NoiseState(), completion=completion)
 
     def shared_state(self, config_dict: dict, git_sha: str) -> dict:
         return {"epoch": self.epoch, "step": self.step, "last_refit_epoch": self.last_refit_epoch,
                 "samples_since_refit": self.samples_since_refit, "history": self.history,
                 "bank": self.bank.state_dict(), "noise": self.noise.state_dict(),
                 "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_streak": self.nonfinite_streak,
-                "config": config_dict, "git_sha": git_sha}
+                "config": config_dict, "git_sha": git_sha,
+                "completion": None if self.completion is None else self.completion.state_dict()}
 
     def load_shared_state(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
@@ -47,6 +51,8 @@ class RunState:
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.bank.load_state_dict(state["bank"])
         self.noise.load_state_dict(state["noise"])
+        if self.completion is not None and state.get("completion") is not None:
+            self.completion.load_state_dict(state["completion"])
 
 
 def capture_rng() -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nlip_ds.completion.policy import original_pair_loss
 from nlip_ds.config import Config
 from nlip_ds.distributed import all_gather_with_grad, get_rank
 from nlip_ds.model.decoder import caption_loss
@@ -25,6 +26,7 @@ class NLIPTask(nn.Module):
         self.label_smoothing = cfg.model.decoder.label_smoothing
         self.nitc_mode = cfg.noise.nitc_mode
         self.penalty_mu = cfg.noise.penalty_mu
+        self.concept_dropout = cfg.model.text.concept_dropout
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return self.model.param_groups(weight_decay)
@@ -50,6 +52,25 @@ class NLIPTask(nn.Module):
             terms["mae_loss"] = out["mae_loss"].mean()
             total = total + self.beta * terms["mae_loss"]
         terms["loss"] = total
-        terms["per_sample_loss"] = per_sample.detach()
+        per_sample = per_sample.detach()
+        if "orig_input_ids" in batch:  # noise-completion changed some captions: keep the original pairs' loss
+            original = self._original_loss(batch, img, img_all, txt_all, out["logit_scale"], row_offset)
+            per_sample = torch.where(batch["caption_changed"], original, per_sample)
+        terms["per_sample_loss"] = per_sample
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
+
+    @torch.no_grad()
+    def _original_loss(self, batch: dict, img, img_all, txt_all, logit_scale, row_offset: int) -> torch.Tensor:
+        """(n,) per-sample InfoNCE of each pair with its original caption: one no-grad T_e forward of the
+        original captions (every row, so every rank runs T_e the same number of times under ZeRO-3), then the
+        pair's loss against the gathered batch. The concept prefix is dropped with the training probability,
+        by a draw of its own, so these losses have the same distribution as the unchanged rows' ones."""
+        concept_ids, concept_mask = batch.get("concept_ids"), batch.get("concept_mask")
+        if concept_ids is not None and self.training and self.concept_dropout > 0:
+            keep = torch.rand(concept_ids.shape[0], device=concept_ids.device) >= self.concept_dropout  # (n,)
+            concept_mask = concept_mask.bool() & keep.unsqueeze(1)
+        txt = self.model.encode_text(batch["orig_input_ids"], batch["orig_attention_mask"], concept_ids,
+                                     concept_mask)  # (n, D)
+        return original_pair_loss(img.detach(), txt_all.detach(), img_all.detach(), txt, logit_scale.detach(),
+                                  row_offset)

@@ -1,0 +1,214 @@
+"""Noise-completion inside the training loop: concept prefixes, lockstep caption generation, caption bank.
+
+`Completer.prepare` runs in every training step on every rank, before the engine's forward:
+
+1. From epoch min(noise.warmup_epochs, completion.start_epoch) on (stage 1 of METHOD.md's schedule), the batch
+   gets the top-k concepts of its images as concept prefix (the model drops it with probability
+   model.text.concept_dropout). The image embeddings for retrieval come from a no-grad, eval-mode
+   `encode_image` of the batch: one extra V_e forward without backward (about a sixth of V_e's training cost)
+   that every rank runs every step, so it is lockstep by construction. Embeddings cached per sample id from an
+   earlier forward would cost nothing to compute but need a cluster-wide (N, D) table (samples change ranks
+   every epoch; 26M x 512 floats is 53 GB), would be an epoch stale and come from a masked, augmented view.
+2. The concept cache is refreshed (T_e over the vocabulary) when first needed and then every
+   completion.refresh_concepts_every steps, at the same step on every rank; each refresh also captions the
+   first rows of the batch for a TensorBoard text panel.
+3. From completion.start_epoch on, the policy picks the pairs that train on a synthetic caption. Picked pairs
+   without a fresh caption in the bank (none yet, or one older than completion.refresh_every_epochs) are
+   captioned in-step, at most completion.per_step_budget per rank, by nucleus sampling in lockstep: one
+   all-reduce says whether any rank has work; if so every rank calls generate exactly once (a rank with no
+   work on one dummy row, discarded) with a sync_fn, and one all-gather puts the new captions into every
+   rank's bank. Picked pairs with a caption in the bank get it (replace/threshold: instead of the original,
+   with omega = 0; concat: after the original).
+4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
+   ("caption_changed"); NLIPTask then computes the per-sample loss of the original pairs for the noise
+   estimator (policy.original_pair_loss).
+
+Host syncs: from stage 2 on, the ids and the policy's picks go to the host every step (the bank is a host
+dict) and one small all-reduce runs per step; generation itself needs one per decoder step.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from nlip_ds import distributed as D
+from nlip_ds.completion import policy as P
+from nlip_ds.completion.bank import CaptionBank
+from nlip_ds.completion.concepts import ConceptCache, load_vocabulary
+
+logger = logging.getLogger(__name__)
+
+PANEL_ROWS = 3  # samples shown in the TensorBoard text panel at each concept refresh
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module):
+    """Eval mode (no dropout, no patch masking) without gradients, restoring the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class Completer:
+    def __init__(self, cfg, tokenizer):
+        self.c = cfg.completion
+        self.seed = cfg.train.seed
+        self.context_length = cfg.model.text.context_length
+        self.prefix_length = cfg.model.text.context_length // 2  # T_e cuts concepts first when a caption is long
+        self.concept_epoch = min(cfg.noise.warmup_epochs, self.c.start_epoch)
+        self.tokenizer = tokenizer
+        self.special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id}
+        self.cache = ConceptCache(load_vocabulary(self.c.vocabulary))
+        self.bank = CaptionBank(self.c.max_tokens, tokenizer.pad_id)
+        self.generated = 0  # synthetic captions generated so far, all ranks (identical on every rank)
+        self._changed_share = None  # (,) device sum of the per-step share of changed captions since the last log
+        self._steps = 0
+        self._panels: list[tuple[int, str]] = []
+
+    # -------------------------------------------------------------------------------------- per step
+
+    def prepare(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The batch with concept prefix and (from start_epoch) synthetic captions, and the omega to train with.
+        Every rank must call this at every step (it runs the model in lockstep)."""
+        if state.epoch < self.concept_epoch:
+            return batch, omega
+        refreshed = self._refresh_if_due(model, state.step, batch["image"].device)
+        with inference(model):
+            image_features = model.encode_image(batch["image"])  # (n, D)
+        top = self.cache.retrieve(image_features, self.c.top_k)  # (n, k)
+        batch = dict(batch)
+        batch["concept_ids"], batch["concept_mask"] = self.cache.prefix(top, self.tokenizer, self.prefix_length)
+        if refreshed:
+            self._panel(model, batch, top, state.step)
+        if state.epoch < self.c.start_epoch:
+            return batch, omega
+        return self._complete(model, state, batch, eps, omega)
+
+    def _refresh_if_due(self, model, step: int, device) -> bool:
+        last = self.cache.refreshed_at_step
+        if self.cache.ready and last is not None and step - last < self.c.refresh_concepts_every:
+            return False
+        with inference(model):
+            self.cache.refresh(model.encode_text, self.tokenizer, device, max_length=self.context_length,
+                               step=step)
+        logger.info("concept embeddings refreshed at step %d (%d concepts)", step, len(self.cache))
+        return True
+
+    def _complete(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor):
+        ids = batch["sample_id"].tolist()
+        picked = P.select(self.c.policy, eps, batch["sample_id"], self.seed, state.epoch).tolist()
+        fresh = self.bank.fresh(ids, state.epoch, self.c.refresh_every_epochs)
+        need = [i for i, (p, f) in enumerate(zip(picked, fresh)) if p and not f][:self.c.per_step_budget]
+        device = batch["image"].device
+        if self.c.per_step_budget and D.all_reduce_max(len(need), device) > 0:
+            self._caption_into_bank(model, batch, need, state)
+        rows = [i for i, p in enumerate(picked) if p and ids[i] in self.bank]
+        changed = torch.zeros(len(ids), dtype=torch.bool, device=device)
+        batch["orig_input_ids"], batch["orig_attention_mask"] = batch["input_ids"], batch["attention_mask"]
+        if rows:
+            index = torch.tensor(rows, device=device)
+            new_ids, new_mask = P.caption_rows(self.c.policy, batch["input_ids"][index].cpu(),
+                                               self.bank.get([ids[i] for i in rows]), bos_id=self.tokenizer.bos_id,
+                                               eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                                               special=self.special)
+            batch["input_ids"] = batch["input_ids"].index_copy(0, index, new_ids.to(device))
+            batch["attention_mask"] = batch["attention_mask"].index_copy(0, index, new_mask.to(device))
+            changed[index] = True
+        batch["caption_changed"] = changed  # NLIPTask: the estimator gets these rows' original-caption loss
+        if P.zeroes_omega(self.c.policy):
+            omega = omega.masked_fill(changed, 0.0)
+        share = changed.float().mean()
+        self._changed_share = share if self._changed_share is None else self._changed_share + share
+        self._steps += 1
+        return batch, omega
+
+    def _caption_into_bank(self, model, batch: dict, need: list[int], state) -> None:
+        """Generate for this rank's `need` rows (lockstep with the other ranks) and gather every rank's new
+        captions into the bank, padded to per_step_budget rows per rank."""
+        device, budget = batch["image"].device, self.c.per_step_budget
+        index = torch.tensor(need or [0], device=device)  # no work: one dummy row keeps the decoder in step
+        tokens = self.generate(model, batch["image"][index], batch["concept_ids"][index],
+                               batch["concept_mask"][index], state.step)
+        ids = torch.full((budget,), -1, dtype=torch.long, device=device)
+        rows = torch.full((budget, self.c.max_tokens), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        if need:
+            ids[:len(need)] = batch["sample_id"][index]
+            rows[:len(need)] = tokens
+        ids, rows = D.all_gather_tensor(ids), D.all_gather_tensor(rows)  # (world * budget,), (world * budget, L)
+        self.bank.put(ids.cpu(), rows.cpu(), state.epoch, state.step)
+        self.generated += int((ids >= 0).sum())
+
+    def generate(self, model, images: torch.Tensor, concept_ids: torch.Tensor, concept_mask: torch.Tensor,
+                 step: int) -> torch.Tensor:
+        """(m, max_tokens) synthetic captions (ids after [BOS], padded) by nucleus sampling, seeded by (seed,
+        step, rank) so a resumed run draws the same. Lockstep: every rank must call this together."""
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(generation_seed(self.seed, step, D.get_rank()))
+        with inference(model):
+            out = model.generate(images, concept_ids, concept_mask, strategy="nucleus", top_p=self.c.top_p,
+                                 min_tokens=self.c.min_tokens, max_tokens=self.c.max_tokens,
+                                 generator=generator, sync_fn=lambda unfinished: self._any_rank(unfinished, images))
+        padded = torch.full((out.shape[0], self.c.max_tokens), self.tokenizer.pad_id, dtype=torch.long,
+                            device=out.device)
+        padded[:, :out.shape[1]] = out
+        return padded
+
+    @staticmethod
+    def _any_rank(local_unfinished: bool, like: torch.Tensor) -> bool:
+        return D.all_reduce_max(int(local_unfinished), like.device) > 0
+
+    def _panel(self, model, batch: dict, top: torch.Tensor, step: int) -> None:
+        """Caption the first rows of the batch (every rank, lockstep) and keep a markdown table for rank 0."""
+        m = min(PANEL_ROWS, batch["image"].shape[0])
+        tokens = self.generate(model, batch["image"][:m], batch["concept_ids"][:m], batch["concept_mask"][:m], step)
+        synthetic = self.tokenizer.decode(tokens)
+        concepts = self.cache.names(top[:m])
+        lines = ["| sample | original caption | retrieved concepts | synthetic caption |", "|---|---|---|---|"]
+        for i in range(m):
+            lines.append(f"| {int(batch['sample_id'][i])} | {_cell(batch['caption'][i])} | "
+                         f"{_cell(', '.join(concepts[i]))} | {_cell(synthetic[i])} |")
+        self._panels.append((step, "\n".join(lines)))
+
+    # --------------------------------------------------------------------------------------- logging
+
+    def log(self, sink, step: int) -> None:
+        """At a log step, on every rank together: completion/generated (cumulative over the run, all ranks),
+        completion/bank_size, completion/replaced (share of pairs that trained on a synthetic caption since the
+        last log, all ranks) and the pending text panels."""
+        metrics = {"completion/generated": self.generated, "completion/bank_size": len(self.bank)}
+        if self._steps:
+            share = self._changed_share.detach().float().reshape(1) / self._steps
+            if D.get_world_size() > 1:
+                torch.distributed.all_reduce(share)
+                share /= D.get_world_size()
+            metrics["completion/replaced"] = float(share)
+            self._changed_share, self._steps = None, 0
+        sink.log(metrics, step)
+        for panel_step, text in self._panels:
+            sink.text("completion/samples", text, panel_step)
+        self._panels = []
+
+    # ------------------------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        return {"concepts": self.cache.state_dict(), "captions": self.bank.state_dict(), "generated": self.generated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache.load_state_dict(state["concepts"])
+        self.bank.load_state_dict(state["captions"])
+        self.generated = int(state["generated"])
+
+
+def generation_seed(seed: int, step: int, rank: int) -> int:
+    """The nucleus-sampling seed of one rank's generation at one step (the same after a resume)."""
+    return ((seed * 1_000_003 + step) * 4099 + rank) % (2 ** 63)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or "(empty)"

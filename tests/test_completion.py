@@ -1,0 +1,208 @@
+"""Noise-completion in the training loop: policies, caption bank, the estimator's original-caption loss, the
+Completer on a hand-made batch, lockstep generation on a real 2-rank ZeRO-3 engine, and 2-rank training runs
+with completion that checkpoint, resume and log the counters and the text panel."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nlip_ds.completion import policy as P
+from nlip_ds.completion.bank import CaptionBank
+from nlip_ds.completion.completer import Completer, generation_seed
+from nlip_ds.config import ConfigError, load_config
+from nlip_ds.ops.contrastive import fused_contrastive_loss_ref
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- policies
+
+
+def test_replace_picks_about_epsilon_and_exactly_the_seeded_rows():
+    n = 20000
+    ids = torch.arange(n) * 7 + 3
+    eps = torch.full((n,), 0.3)
+    picked = P.select("replace", eps, ids, 0, 3)
+    assert abs(picked.float().mean().item() - 0.3) < 0.015
+    draw = P.uniform_draw(ids, 0, 3)
+    assert 0.0 <= draw.min() and draw.max() < 1.0
+    assert torch.histc(draw.float(), bins=10, min=0, max=1).sub(n / 10).abs().max() < 0.05 * n  # uniform
+    varied = torch.rand(n)
+    assert torch.equal(P.select("replace", varied, ids, 0, 3), draw < varied.double())  # exactly u < eps
+    assert torch.equal(picked, P.select("replace", eps, ids, 0, 3))  # seeded: the same rows again
+    perm = torch.randperm(n)
+    assert torch.equal(P.select("replace", eps[perm], ids[perm], 0, 3), picked[perm])  # per id, any order
+    assert (picked != P.select("replace", eps, ids, 0, 4)).float().mean() > 0.2  # a new draw each epoch
+    assert (picked != P.select("replace", eps, ids, 1, 3)).float().mean() > 0.2  # and per seed
+    assert not P.select("replace", torch.zeros(n), ids, 0, 3).any()
+    assert P.select("replace", torch.ones(n), ids, 0, 3).all()
+    assert torch.equal(P.select("concat", eps, ids, 0, 3), picked)  # concat picks as replace does
+
+
+def test_threshold_picks_exactly_epsilon_above_one_half():
+    eps = torch.tensor([0.0, 0.49, 0.5, 0.5001, 0.9, 1.0])
+    picked = P.select("threshold", eps, torch.arange(6), 0, 0)
+    assert picked.tolist() == [False, False, False, True, True, True]
+    with pytest.raises(ValueError, match="not one of"):
+        P.select("nope", eps, torch.arange(6), 0, 0)
+
+
+BOS, EOS, PAD = 1, 2, 0
+SPECIAL = {BOS, EOS, PAD, 3}
+
+
+def _rows(policy, original, synthetic):
+    return P.caption_rows(policy, torch.tensor(original), torch.tensor(synthetic), bos_id=BOS, eos_id=EOS,
+                          pad_id=PAD, special=SPECIAL)
+
+
+def test_replace_and_concat_build_captions_cut_to_the_context():
+    original = [[BOS, 10, 11, EOS, PAD, PAD]]
+    ids, mask = _rows("replace", original, [[20, 21, 22, EOS, PAD]])
+    assert ids.tolist() == [[BOS, 20, 21, 22, EOS, PAD]] and mask.tolist() == [[1, 1, 1, 1, 1, 0]]
+    ids, _ = _rows("replace", original, [[20, 21, 22, 23, 24]])  # cut at max_tokens: no [EOS] generated
+    assert ids.tolist() == [[BOS, 20, 21, 22, 23, EOS]]
+    ids, mask = _rows("concat", original, [[20, 21, 22, EOS, PAD]])  # original + synthetic, truncated
+    assert ids.tolist() == [[BOS, 10, 11, 20, 21, EOS]] and mask.tolist() == [[1] * 6]
+    ids, _ = _rows("concat", [[BOS, 10, EOS, PAD, PAD, PAD, PAD, PAD]], [[20, EOS, PAD]])
+    assert ids.tolist() == [[BOS, 10, 20, EOS, PAD, PAD, PAD, PAD]]
+    assert P.zeroes_omega("replace") and P.zeroes_omega("threshold") and not P.zeroes_omega("concat")
+
+
+def test_original_pair_loss_is_the_infonce_of_the_original_caption():
+    torch.manual_seed(0)
+    n, world, dim, rank = 4, 2, 8, 1
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, dtype=torch.float64), dim=-1)
+    img_all, txt_all, txt_orig = unit(n * world, dim), unit(n * world, dim), unit(n, dim)
+    img, offset, scale = img_all[rank * n:(rank + 1) * n], rank * n, torch.tensor(10.0, dtype=torch.float64)
+    got = P.original_pair_loss(img, txt_all, img_all, txt_orig, scale, offset)
+    for i in range(n):  # the kernel's reference on the batch where pair i has its original caption
+        swapped = txt_all.clone()
+        swapped[offset + i] = txt_orig[i]
+        _, expected = fused_contrastive_loss_ref(img, swapped[offset:offset + n], img_all, swapped, scale, offset)
+        torch.testing.assert_close(got[i], expected[i])
+    _, unchanged = fused_contrastive_loss_ref(img, txt_all[offset:offset + n], img_all, txt_all, scale, offset)
+    torch.testing.assert_close(P.original_pair_loss(img, txt_all, img_all, txt_all[offset:offset + n], scale,
+                                                    offset), unchanged)
+
+
+# ---------------------------------------------------------------------------------------------- caption bank
+
+
+def test_caption_bank_freshness_padding_rows_and_state():
+    bank = CaptionBank(max_tokens=4, pad_id=PAD)
+    bank.put(torch.tensor([5, -1, 9]), torch.tensor([[7, 8, EOS], [1, 1, 1], [6, EOS, PAD]]), epoch=2, step=40)
+    assert len(bank) == 2 and 5 in bank and -1 not in bank
+    assert bank.get([9, 5]).tolist() == [[6, EOS, PAD, PAD], [7, 8, EOS, PAD]]
+    assert bank.fresh([5, 9, 4], epoch=3, refresh_every=2) == [True, True, False]
+    assert bank.fresh([5], epoch=4, refresh_every=2) == [False]  # regenerated every R epochs
+    bank.put(torch.tensor([5]), torch.tensor([[11, 12, 13, 14]]), epoch=4, step=80)
+    assert bank.get([5]).tolist() == [[11, 12, 13, 14]] and bank.fresh([5], 5, 2) == [True]
+    restored = CaptionBank(max_tokens=4, pad_id=PAD)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.get([5, 9]).tolist() == bank.get([5, 9]).tolist()
+    assert restored.fresh([5, 9], 5, 2) == bank.fresh([5, 9], 5, 2) and len(restored) == 2
+    with pytest.raises(ValueError, match="completion.max_tokens"):
+        CaptionBank(max_tokens=6, pad_id=PAD).load_state_dict(bank.state_dict())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["completion.enabled=true", "noise.enabled=false"], "completion.enabled: noise-completion picks pairs"),
+    (["completion.enabled=true", "completion.max_tokens=40"], "completion.max_tokens: 40 exceeds"),
+])
+def test_config_refusals(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+# --------------------------------------------------------------------------- the Completer on a hand-made batch
+
+
+def _setup(synth_dir, synth_tokenizer, *overrides):
+    from nlip_ds.model import NLIPModel
+    from nlip_ds.train.task import NLIPTask
+
+    cfg = load_config(None, ["completion.enabled=true", "completion.start_epoch=1", "noise.warmup_epochs=1",
+                             f"completion.vocabulary={synth_dir / 'concepts.txt'}", "completion.max_tokens=8",
+                             "completion.min_tokens=2", "completion.per_step_budget=2", *overrides])
+    torch.manual_seed(0)
+    task = NLIPTask(NLIPModel.from_config(cfg.model, synth_tokenizer), cfg).eval()  # eval: no dropout
+    captions = ["a red circle above a blue square", "IMG_0042.jpg", "my photo", "a small green star"]
+    ids, mask = synth_tokenizer.encode(captions, cfg.model.text.context_length)
+    batch = {"image": torch.randn(4, 3, 32, 32), "input_ids": ids, "attention_mask": mask, "caption": captions,
+             "sample_id": torch.tensor([10, 11, 12, 13])}
+    return cfg, task, Completer(cfg, synth_tokenizer), batch
+
+
+def test_completer_replaces_picked_rows_within_budget_and_reuses_the_bank(synth_dir, synth_tokenizer):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
+                                         "completion.per_step_budget=1", "completion.refresh_every_epochs=2")
+    eps = torch.tensor([0.0, 0.9, 0.2, 0.7])
+    omega = 0.5 * eps
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=0, step=0), batch, eps, omega)
+    assert out is batch and not completer.cache.ready  # stage 0: nothing happens
+    out, new_omega = completer.prepare(task.model, SimpleNamespace(epoch=1, step=3), batch, eps, omega)
+    assert completer.cache.ready and completer.cache.refreshed_at_step == 3
+    assert out["concept_ids"].shape == (4, cfg.model.text.context_length // 2) and out["concept_mask"].any()
+    assert completer.generated == 1 and 11 in completer.bank and 13 not in completer.bank  # budget 1: row 1
+    assert out["caption_changed"].tolist() == [False, True, False, False]
+    expected, _ = P.caption_rows("replace", batch["input_ids"][1:2], completer.bank.get([11]), bos_id=synth_tokenizer.bos_id,
+                                 eos_id=synth_tokenizer.eos_id, pad_id=synth_tokenizer.pad_id,
+                                 special=completer.special)
+    assert torch.equal(out["input_ids"][1], expected[0])
+    assert torch.equal(out["input_ids"][[0, 2, 3]], batch["input_ids"][[0, 2, 3]])
+    assert torch.equal(out["orig_input_ids"], batch["input_ids"])
+    torch.testing.assert_close(new_omega, torch.tensor([0.0, 0.0, 0.1, 0.35]))  # replaced row: omega 0
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=4), batch, eps, omega)
+    assert completer.generated == 2 and out["caption_changed"].tolist() == [False, True, False, True]
+    step = completer.bank.step.clone()
+    completer.prepare(task.model, SimpleNamespace(epoch=2, step=5), batch, eps, omega)
+    assert completer.generated == 2  # cached captions reused within R = 2 epochs
+    completer.prepare(task.model, SimpleNamespace(epoch=3, step=6), batch, eps, omega)
+    assert completer.generated == 3 and not torch.equal(completer.bank.step, step)  # then regenerated
+    assert completer.cache.refreshed_at_step == 3  # refresh_concepts_every=50 not yet reached
+    completer.prepare(task.model, SimpleNamespace(epoch=3, step=53), batch, eps, omega)
+    assert completer.cache.refreshed_at_step == 53
+
+    restored = Completer(cfg, synth_tokenizer)
+    restored.load_state_dict(completer.state_dict())
+    assert restored.generated == 4 and torch.equal(restored.cache.embeddings, completer.cache.embeddings)
+    assert restored.bank.get([11, 13]).tolist() == completer.bank.get([11, 13]).tolist()
+
+
+def test_concat_keeps_omega_and_the_original_text(synth_dir, synth_tokenizer):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=concat")
+    eps = torch.tensor([0.0, 1.0, 0.0, 1.0])  # probability 1: always picked
+    out, omega = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    assert out["caption_changed"].tolist() == [False, True, False, True]
+    torch.testing.assert_close(omega, 0.5 * eps)
+    tok = synth_tokenizer
+    words = lambda ids: [t for t in ids.tolist() if t not in completer.special]
+    for row in (1, 3):
+        synthetic = words(completer.bank.get([int(batch["sample_id"][row])])[0])
+        expected = (words(batch["input_ids"][row]) + synthetic)[:cfg.model.text.context_length - 2]
+        assert words(out["input_ids"][row]) == expected and len(synthetic) >= 2
+        assert out["input_ids"][row, 0] == tok.bos_id and tok.eos_id in out["input_ids"][row].tolist()
+
+
+def test_the_estimator_sees_the_loss_of_the_original_caption(synth_dir, synth_tokenizer):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold")
+    eps = torch.tensor([0.0, 0.9, 0.2, 0.1])  # one replaced row: the others keep their captions
+    out, omega = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    assert out["caption_changed"].tolist() == [False, True, False, False]
+    with torch.no_grad():
+        trained = task(out, omega, 1 - eps)["per_sample_loss"]
+        as_original = {k: v for k, v in out.items() if k not in ("orig_input_ids", "orig_attention_mask",
+                                                                 "caption_changed")}
+        synthetic_only = task(as_original, omega, 1 - eps)["per_sample_loss"]
+        as_original.update(input_ids=out["orig_input_ids"], attention_mask=out["orig_attention_mask"])
+        original = task(as_original, omega, 1 - eps)["per_sample_loss"]
+    torch.testing.assert_close(trained[1], original[1])  # the original pair's loss ...
+    assert abs(float(synthetic_only[1] - original[1])) > 1e-4  # ... not the synthetic caption's
+    torch.testing.assert_close(trained[[0, 2, 3]], synthetic_only[[0, 2, 3]])
