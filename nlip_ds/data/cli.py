@@ -1,4 +1,5 @@
-"""`nlip-ds data synth | shards | inspect`: make and look at the shards training reads.
+"""`nlip-ds data synth | shards | inspect | concepts`: make and look at the shards training reads, and build a
+concept vocabulary (noise-completion) from their captions.
 
 The `nlip-ds` entry point calls `add_subcommands(subparsers)`; `python -m nlip_ds.data.cli data ...` runs the
 same commands alone. Each command's `func(args)` returns the exit status: a bad path or argument prints one
@@ -10,8 +11,9 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from nlip_ds.data import shards, synthetic
 
@@ -85,6 +87,57 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def shard_captions(pattern: str, errors: Counter, progress=None) -> Iterator[str]:
+    """The .txt caption of every sample of the shards of `pattern`, in shard order; samples without one and
+    unreadable shards are counted in `errors`."""
+    for source in shards.expand_pattern(pattern):
+        for path in source:
+            for sample in shards.iter_tar_samples(path, errors):
+                if progress:
+                    progress(1)
+                if "txt" in sample:
+                    yield sample["txt"].decode("utf-8", "replace")
+                else:
+                    errors["no_caption"] += 1
+
+
+def run_concepts(args: argparse.Namespace) -> int:
+    from nlip_ds.completion.concepts import build_vocabulary, write_vocabulary
+
+    errors: Counter = Counter()
+    try:
+        total = sum(s.num_samples for source in shards.expand_pattern(args.shards)
+                    for s in shards.shard_counts(source))
+        with _progress_bar(total, "captions") as bar:
+            captions = _counting(shard_captions(args.shards, errors, bar.update))
+            names = build_vocabulary(captions, args.top_k, min_count=args.min_count, max_words=args.max_words)
+        if not names:
+            raise ValueError(f"no word of the captions of {args.shards} occurs {args.min_count} times or more "
+                             f"(--min-count)")
+        out = write_vocabulary(names, args.out)
+    except USER_ERRORS as exc:
+        return _fail("concepts", exc)
+    skipped = "".join(f"\n  skipped {reason}: {n}" for reason, n in sorted(errors.items()))
+    print(f"read {captions.count} captions from {args.shards}{skipped}\n"
+          f"wrote {len(names)} concept names to {out}\n  first: {', '.join(names[:20])}")
+    return 0
+
+
+class _counting:
+    """An iterator wrapper that counts what went through it."""
+
+    def __init__(self, items):
+        self._items, self.count = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self._items)
+        self.count += 1
+        return item
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="generate synthetic noisy image-text shards with ground truth",
                        description="Draw scenes of 1-3 coloured shapes with captions, add incorrect and "
@@ -132,14 +185,30 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=run_inspect)
 
 
+def _add_concepts(sub) -> None:
+    p = sub.add_parser("concepts", help="build a concept vocabulary (noise-completion) from shard captions",
+                       description="Count the content words (and two-word phrases frequent as a unit) of the "
+                       "captions of the shards, without stop words and file-name-like tokens, and write the "
+                       "TOP-K most frequent, one per line (docs/completion.md).")
+    p.add_argument("--shards", required=True, metavar="PATTERN", help="split folder, .tar file or brace pattern")
+    p.add_argument("--out", required=True, help="vocabulary file to write (e.g. concepts.txt)")
+    p.add_argument("--top-k", type=int, default=1000, help="names kept at most (default 1000)")
+    p.add_argument("--min-count", type=int, default=2, help="drop names seen fewer times (default 2)")
+    p.add_argument("--max-words", type=int, default=2, help="longest phrase in words; 1: single words only "
+                   "(default 2)")
+    p.set_defaults(func=run_concepts)
+
+
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
-    """Register `data` with its `synth`, `shards` and `inspect` subcommands; returns the `data` parser."""
+    """Register `data` with its `synth`, `shards`, `inspect` and `concepts` subcommands; returns the `data`
+    parser."""
     data = subparsers.add_parser("data", help="make and inspect training shards",
                                  description="Make and inspect the webdataset shards that training reads.")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,shards,inspect}", required=True)
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,shards,inspect,concepts}", required=True)
     _add_synth(sub)
     _add_shards(sub)
     _add_inspect(sub)
+    _add_concepts(sub)
     return data
 
 
