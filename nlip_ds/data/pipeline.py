@@ -156,12 +156,18 @@ def read_shards(shards: Iterable[Shard], counter: SkipCounter) -> Iterator[dict]
     (naming the shard and the last key read before it) and ends that shard; samples that the index lists but
     the shard did not yield (a truncated tar, a corrupt member header) are counted as `short_shard`."""
     for shard in shards:
-        read, last_key = 0, None
+        read, last_key, broken = 0, None, False
 
         def handler(exn: Exception) -> bool:
+            nonlocal broken
+            reason = tar_reason(exn)
+            if reason != "duplicate_member":
+                if broken:  # a consequence of the first error (a cut member, then no next header): once
+                    return True
+                broken = True
             where = f"after key {last_key}" if last_key is not None else "before the first sample"
             message = exn.args[0] if exn.args else ""
-            counter.count(tar_reason(exn), f"{shard.path} {where}: {type(exn).__name__}: {message}")
+            counter.count(reason, f"{shard.path} {where}: {type(exn).__name__}: {message}")
             return True
 
         for sample in wds.tarfile_samples([{"url": str(shard.path)}], handler=handler):

@@ -115,13 +115,14 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise SampleError("empty_image", "zero bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            # PIL warns about damaged files it still reads, and about bombs: max_pixels decides, below
+            warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise SampleError("image_too_large", f"{img.width}x{img.height} pixels, above {max_pixels}")
-        if img.width < 1 or img.height < 1:
-            raise SampleError("undecodable_image", f"{img.width}x{img.height} pixels")
-        return to_rgb(img)
+            if img.width * img.height > max_pixels:
+                raise SampleError("image_too_large", f"{img.width}x{img.height} pixels, above {max_pixels}")
+            if img.width < 1 or img.height < 1:
+                raise SampleError("undecodable_image", f"{img.width}x{img.height} pixels")
+            return to_rgb(img)
     except SampleError:
         raise
     except Image.DecompressionBombError as exc:  # above PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
