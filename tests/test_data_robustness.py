@@ -263,6 +263,15 @@ def test_damaged_tar_loses_only_its_tail_and_counts_it(tmp_path, shard_tools, da
     assert len(batches) == loader.num_batches and loader.stats()["pad_samples"] == 14 - len(ids)
 
 
+def test_shard_gone_after_planning_is_counted(tmp_path, shard_tools, data_cfg, synth_tokenizer):
+    pattern = _shards_with(tmp_path, shard_tools, lambda data, path: data)
+    loader = _loader(data_cfg, synth_tokenizer, pattern)
+    (tmp_path / "d-000001.tar").unlink()  # after build_loader listed and counted it
+    batches = list(loader)
+    assert sorted(_ids(batches)) == list(range(6)) and len(batches) == loader.num_batches
+    assert loader.stats()["skipped"] == {"unreadable_shard": 1, "short_shard": 8}
+
+
 def test_duplicate_member_in_a_sample_is_counted(tmp_path, shard_tools, data_cfg, synth_tokenizer):
     with tarfile.open(tmp_path / "d-000000.tar", "w") as tar:
         for name, data in [("000000001.png", shard_tools.png()), ("000000001.txt", b"first"),
