@@ -42,8 +42,9 @@ def checkpoint_kind(path: Path) -> str:
 
 
 def _step_of(tag: str) -> int:
-    """The trainer names tags step<N>; any other tag is logged at step 0."""
-    match = re.search(r"(\d+)$", tag)
+    """The trainer names checkpoint folders step<N> (step<N>.<id>.partial while `latest` is being swapped); any
+    other tag is logged at step 0."""
+    match = re.search(r"step(\d+)", tag)
     return int(match.group(1)) if match else 0
 
 

@@ -28,11 +28,13 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
 
     from nlip_ds.data.tokenizer import load_tokenizer
     from nlip_ds.model import NLIPModel
+    from nlip_ds.train.engine import read_latest, verify_checkpoint
 
     root = _checkpoint_root(Path(run_dir))
     run = root.parent
     cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    tag = tag or (root / "latest").read_text().strip()
+    tag = tag or read_latest(root)
+    verify_checkpoint(root / tag)  # a clear error naming a missing or truncated file
     logger.info("consolidating %s/%s", root, tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     weights = {k.removeprefix("model."): v for k, v in state.items()}  # the task module holds the model

@@ -239,15 +239,15 @@ def to_device(batch: dict, device) -> dict:
 def save(engine, cfg: Config, state: RunState, loader) -> None:
     tag = f"step{state.step}"
     shared = state.shared_state(to_dict(cfg), git_sha())
-    E.save_checkpoint(engine, cfg, tag, shared, {"loader": loader.state_dict(), "rng": capture_rng()})
-    logger.info("checkpoint %s written", Path(E.checkpoint_dir(cfg)) / tag)
+    path = E.save_checkpoint(engine, cfg, tag, shared, {"loader": loader.state_dict(), "rng": capture_rng()})
+    logger.info("checkpoint %s written", path)
 
 
 def resume(engine, cfg: Config, state: RunState, loader) -> None:
     found = E.resolve_resume(cfg)
     if found is None:
         return
-    shared, mine = E.load_checkpoint(engine, *found)
+    shared, mine = E.load_checkpoint(engine, cfg, *found)
     state.load_shared_state(shared)
     loader.load_state_dict(mine["loader"])
     restore_rng(mine["rng"])
