@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -111,6 +112,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Every rank, together, before a deliberate exit from inside training (preemption, a stopped run): left to
+    the exit-time destructors, the process group's threads can die joinable and abort the rank (std::terminate)."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's block (a reduce-scatter).
 
@@ -174,8 +183,19 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
 
 # ------------------------------------------------------------------------------------------ rank failure
 
-HEARTBEAT_S = 2.0  # how often every rank tells the rendezvous store it is alive
+HEARTBEAT_S = 2.0  # how often every rank tells the peer store it is alive
+STORE_GRACE_S = 60.0  # how long the peer store outlives a rank 0 that ended without a clean exit
 _PREFIX = "nlip/peers/"
+# The peer store's server: prints its port, then serves until rank 0 says "done" (a clean end of the run) or,
+# when rank 0's end closes the pipe without it, STORE_GRACE_S longer, while the other ranks find out who was lost.
+_STORE_SERVER = """
+import sys, time
+import torch.distributed as dist
+store = dist.TCPStore(sys.argv[1], 0, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+if sys.stdin.readline().strip() != "done":
+    time.sleep(float(sys.argv[2]))
+"""
 
 
 class RankLostError(RuntimeError):
@@ -187,11 +207,14 @@ class PeerWatch:
 
     gloo reports a dead peer within about a second ("Connection reset by peer", with an address but no rank) and a
     hung one after the collective timeout; neither names the rank. So every rank writes a heartbeat (a counter and
-    its current step) into the rendezvous store from a daemon thread. When anything fails inside the block, the
-    rank marks itself as diagnosing, reads every heartbeat, waits three beats and reads again: a rank whose
-    counter stood still and which left no mark is lost. A rank whose failure had no lost or failed peer behind it
-    leaves its own error in the store, so that the others name it and its error. The store lives in rank 0's
-    process (torchrun: in its agent), so when it stops answering, rank 0 is the one lost.
+    its current step) into a peer store from a daemon thread. When anything fails inside the block, the rank
+    marks itself as diagnosing, reads every heartbeat, waits three beats and reads again: a rank whose counter
+    stood still and which left no mark is lost. A rank whose failure had no lost or failed peer behind it leaves
+    its own error in the store, so that the others name it and its error.
+
+    The peer store is not the rendezvous store, which dies with rank 0: ranks that wait on a rank busy with its own
+    diagnosis fail only when that rank exits, and rank 0 may be gone by then. A child process of rank 0 serves
+    it (its port passes through the rendezvous store) and outlives rank 0 by STORE_GRACE_S after an unclean end.
     """
 
     def __init__(self, topo: Topology, interval: float = HEARTBEAT_S):
@@ -200,12 +223,12 @@ class PeerWatch:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the main thread and the heartbeat thread share one store client
         self._store = None
+        self._server: subprocess.Popen | None = None
         self._beats = 0
 
     def __enter__(self) -> "PeerWatch":
         if self.topo.world_size > 1:
-            self._store = dist.TCPStore(self.topo.master_addr, self.topo.master_port, is_master=False,
-                                        timeout=timedelta(seconds=30), wait_for_workers=False)
+            self._store = self._connect()
             self._beat()
             threading.Thread(target=self._run, name="nlip-heartbeat", daemon=True).start()
         return self
@@ -219,6 +242,20 @@ class PeerWatch:
                     raise RankLostError(report) from exc
         finally:
             self._stop.set()
+            if self._server is not None and not isinstance(exc, Exception):  # a clean end: no one will ask
+                self._server.communicate("done\n")
+
+    def _connect(self) -> dist.TCPStore:
+        addr = self.topo.master_addr
+        rendezvous = dist.TCPStore(addr, self.topo.master_port, is_master=False, timeout=timedelta(seconds=300),
+                                   wait_for_workers=False)
+        if self.topo.rank == 0:
+            self._server = subprocess.Popen([sys.executable, "-c", _STORE_SERVER, addr, str(STORE_GRACE_S)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                            stderr=subprocess.DEVNULL)  # nor keep rank 0's stderr open
+            rendezvous.set(_PREFIX + "port", self._server.stdout.readline().strip())
+        port = int(rendezvous.get(_PREFIX + "port"))
+        return dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=30), wait_for_workers=False)
 
     def _set(self, key: str, value: str) -> None:
         with self._lock:
@@ -255,10 +292,9 @@ class PeerWatch:
             mine = "exiting after a peer failure" if lost or failed else f"error: {type(exc).__name__}: {first_line}"
             self._set(f"mark/{self.topo.rank}", mine)
         except (RuntimeError, OSError) as store_exc:
-            if self.topo.rank == 0 or self.topo.launcher == "torchrun":
+            if self.topo.rank == 0:
                 return None
-            lost, failed = [f"rank 0 (the rendezvous store it hosts at {self.topo.master_addr}:"
-                            f"{self.topo.master_port} does not answer: {store_exc})"], []
+            lost, failed = [f"rank 0 (the peer store served from its node does not answer: {store_exc})"], []
         if not lost and not failed:
             return None
         parts = [f"lost {', '.join(lost)}"] if lost else []
@@ -280,4 +316,4 @@ class PeerWatch:
 
 
 def _last_step(beat: str | None) -> str:
-    return "no heartbeat at all" if beat is None else f"no heartbeat since step {beat.split()[1]}"
+    return "no heartbeat at all" if beat is None else f"silent since its heartbeat at step {beat.split()[1]}"

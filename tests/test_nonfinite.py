@@ -151,7 +151,7 @@ def test_nonfinite_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_state(
     run = tmp_path / "run"
     results = _launch(synth_dir, run, {"rank": 1, "loss": [2, 3]}, "train.max_steps=8",
                       "train.max_nonfinite_steps=2")
-    assert all(rc != 0 for rc, _ in results), [rc for rc, _ in results]
+    assert [rc for rc, _ in results] == [1, 1], results[0][1][-3000:] + results[1][1][-3000:]
     log = results[0][1]
     assert "stopped: 2 optimizer steps in a row were skipped" in log, log[-4000:]
     assert "loss not finite on rank(s) 1" in log and "train.max_nonfinite_steps=2" in log

@@ -157,6 +157,7 @@ def stop_nonfinite(engine, cfg: Config, state: RunState, loader, guard: NonFinit
     save(engine, cfg, state, loader)
     if D.get_rank() == 0:
         logger.error("%s", message)
+    D.leave_process_group()
     raise SystemExit(1)
 
 

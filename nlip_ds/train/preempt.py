@@ -58,4 +58,5 @@ class Preemption:
             marker.write_text(json.dumps({"signal": name, "step": step, "checkpoint": tag}) + "\n")
         logger.warning("preempted (%s): checkpoint %s written at step %d; exiting, resume with train.resume=latest",
                        name, tag, step)
+        D.leave_process_group()
         raise SystemExit(0)
