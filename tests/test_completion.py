@@ -317,3 +317,95 @@ def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, s
                 proc.kill()
     for rank, (proc, text) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0 and f"LOCKSTEP-OK {rank}" in text, text[-4000:]
+
+
+# ------------------------------------------------------------------------- training runs (deepspeed, 2 ranks)
+
+
+def _train_ds(synth_dir: Path, run_dir: Path, tok_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
+           f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
+           f"data.tokenizer={tok_dir}", f"train.output_dir={run_dir}", "train.micro_batch_size=16",
+           "data.workers=0", "eval.batch_size=16", "monitor.progress=false", "monitor.log_every=2",
+           "train.epochs=2", "noise.warmup_epochs=1", "completion.enabled=true", "completion.start_epoch=1",
+           f"completion.vocabulary={synth_dir / 'concepts.txt'}", "completion.refresh_concepts_every=6",
+           "completion.per_step_budget=2", "completion.max_tokens=8", "completion.min_tokens=2", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _completion_state(run_dir: Path, tag: str) -> dict:
+    for path in sorted((run_dir / "checkpoints" / tag).glob("*model_states.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("completion") is not None:
+            return state["completion"]
+    raise AssertionError(f"no completion state in checkpoint {tag}")
+
+
+@pytest.fixture(scope="module")
+def completion_runs(synth_dir, tmp_path_factory):
+    """A 2-rank run with completion stopped at step 12 (epoch 1: 8 steps per epoch), then resumed to step 14."""
+    root = tmp_path_factory.mktemp("completion")
+    run, tok = root / "run", root / "tokenizer"
+    first = _train_ds(synth_dir, run, tok, "train.max_steps=12")
+    metrics_first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    saved = _completion_state(run, "step12")
+    _train_ds(synth_dir, run, tok, "train.max_steps=14", "train.resume=latest", "eval.enabled=false")
+    return run, first, metrics_first, saved
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, first, metrics, saved = completion_runs
+    logged = [m for m in metrics if "completion/generated" in m]
+    assert logged and logged[-1]["completion/generated"] > 0 and logged[-1]["completion/bank_size"] > 0
+    assert any(0 < m.get("completion/replaced", 0) <= 1 for m in metrics)
+    assert "eval zeroshot_top1" in first.stdout  # the run finished through its evaluation
+    acc = EventAccumulator(str(run / "tensorboard" / "nlip"), size_guidance={"tensors": 0}).Reload()
+    panels = acc.Tensors("completion/samples/text_summary")
+    # one refresh, at the first stage-1 step (the next was due 6 steps later, after the resumed run's end)
+    assert [p.step for p in panels] == [saved["concepts"]["refreshed_at_step"]]
+    text = panels[0].tensor_proto.string_val[0].decode()
+    assert "original caption" in text and "retrieved concepts" in text and "synthetic caption" in text
+    assert len(saved["captions"]["ids"]) == logged[-1]["completion/bank_size"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_caption_bank_and_concept_cache_survive_resume(completion_runs):
+    from nlip_ds.data.tokenizer import load_tokenizer
+
+    run, _, metrics, saved = completion_runs
+    assert 0 < saved["concepts"]["refreshed_at_step"] < 12 and saved["concepts"]["embeddings"] is not None
+    resumed = _completion_state(run, "step14")
+    # restored, not restarted: no refresh at the first resumed step (12), the very embeddings saved at step 12
+    assert resumed["concepts"]["refreshed_at_step"] == saved["concepts"]["refreshed_at_step"]
+    assert torch.equal(resumed["concepts"]["embeddings"], saved["concepts"]["embeddings"])
+    before = dict(zip(saved["captions"]["ids"].tolist(), saved["captions"]["tokens"]))
+    after = dict(zip(resumed["captions"]["ids"].tolist(), resumed["captions"]["tokens"]))
+    steps = dict(zip(resumed["captions"]["ids"].tolist(), resumed["captions"]["step"].tolist()))
+    assert set(before) <= set(after)
+    for sid, tokens in before.items():
+        if steps[sid] < 12:  # not regenerated after the resume: exactly the saved caption
+            assert torch.equal(after[sid], tokens)
+    assert resumed["generated"] >= saved["generated"]
+    # the saved state loads into a fresh Completer and gives it back unchanged
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", ["completion.max_tokens=8", "completion.min_tokens=2",
+                                                           f"completion.vocabulary={_vocabulary(run)}"])
+    completer = Completer(cfg, load_tokenizer(run.parent / "tokenizer"))
+    completer.load_state_dict(saved)
+    again = completer.state_dict()
+    assert torch.equal(again["concepts"]["embeddings"], saved["concepts"]["embeddings"])
+    assert all(torch.equal(again["captions"][k], saved["captions"][k]) for k in ("ids", "tokens", "epoch", "step"))
+
+
+def _vocabulary(run: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["completion"]["vocabulary"]
