@@ -2,7 +2,8 @@
 
 One training step's data flow (DESIGN.md): local features -> differentiable all-gather -> fused contrastive
 op with this rank's omega -> L_NITC and per-sample l -> caption loss weighted by the clean probability ->
-optional MAE loss -> L = L_NITC + alpha L_LM + beta L_IR.
+optional MAE loss -> L = L_NITC + alpha L_LM + beta L_IR. When noise-completion changed some captions (the
+batch carries "orig_input_ids"), the per-sample l handed to the noise estimator is that of the original pairs.
 """
 from __future__ import annotations
 
