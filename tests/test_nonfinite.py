@@ -167,3 +167,28 @@ def test_nonfinite_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_state(
     resumed = _probes(run, 0)[4:]
     assert [p["step"] for p in resumed] == [5, 6] and resumed[0]["params"] != _probes(run, 0)[3]["params"]
     assert [m["train/nonfinite_skipped"] for m in _metrics(run) if m["step"] > 4] == [2, 2]
+
+
+def _skip_counts_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from nlip_ds.train.loop import data_skip_metrics
+
+    class Loader:  # what log_step reads: this epoch's skips by reason on this rank
+        def stats(self):
+            return {"skipped": [{"corrupt_image": 2, "empty_caption": 1}, {"corrupt_image": 3, "too_large": 4}][rank]}
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    metrics = data_skip_metrics(Loader())
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.dist
+def test_data_skip_counts_are_summed_over_ranks_by_reason(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_skip_counts_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    want = {"data/skipped/corrupt_image": 5, "data/skipped/empty_caption": 1, "data/skipped/too_large": 4}
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == want
