@@ -405,7 +405,7 @@ def test_the_next_save_removes_what_killed_saves_left(killed_saves):
 # -------------------------------------------------- slow + dist: kill -9 a 2-rank run, resume, compare
 
 
-def _launch(synth_dir: Path, tok: Path, run: Path, *extra: str) -> subprocess.Popen:
+def _launch(synth_dir: Path, tok: Path, run: Path, log: Path, *extra: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
            f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
@@ -414,15 +414,16 @@ def _launch(synth_dir: Path, tok: Path, run: Path, *extra: str) -> subprocess.Po
            "eval.enabled=false", "train.epochs=2", "train.max_steps=14", "noise.warmup_epochs=1",
            "train.save_every=4", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    # Its own process group: the launcher, both ranks and their loader workers die together.
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    # Output into a file (nobody reads a pipe while the test polls); its own process group, so that the
+    # launcher, both ranks and their loader workers die together.
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-6000:]
-    return out
+def _finish(proc: subprocess.Popen, log: Path) -> str:
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-6000:]
+    return log.read_text()
 
 
 def _losses(run: Path) -> dict:
@@ -438,18 +439,22 @@ def _losses(run: Path) -> dict:
     return out
 
 
+STEPS_PER_EPOCH = 9  # 250 samples over 2 ranks x 16, the last batch padded
+
+
 def _kill_between_checkpoints(proc: subprocess.Popen, run: Path) -> tuple[int, int]:
-    """SIGKILL the whole run once a checkpoint exists and a later step was logged: (checkpoint step, last
-    logged step) at the kill."""
+    """SIGKILL the whole run once a checkpoint exists and a later step, not the last of an epoch, was logged:
+    (checkpoint step, last logged step) at the kill."""
     root = run / "checkpoints"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         name = E.read_latest(root) if root.is_dir() else None
         logged = max(_losses(run), default=0) if (run / "metrics.jsonl").is_file() else 0
-        if name and logged > int(name[4:]):
+        saved = int(E.STEP_TAG.match(name).group(1)) if name else None
+        if saved is not None and logged > saved and logged % STEPS_PER_EPOCH:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return int(name[4:]), logged
+            proc.wait()
+            return saved, logged
         time.sleep(0.05)
     pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed between checkpoints")
 
@@ -460,12 +465,13 @@ def test_kill9_mid_epoch_then_resume_latest_matches_uninterrupted_run(synth_dir,
     from nlip_ds.train.export import load_run_model
 
     tok, full, killed = tmp_path / "tokenizer", tmp_path / "full", tmp_path / "killed"
-    _finish(_launch(synth_dir, tok, full))
-    ckpt_step, killed_at = _kill_between_checkpoints(_launch(synth_dir, tok, killed), killed)
-    out = _finish(_launch(synth_dir, tok, killed, "train.resume=latest"))
+    logs = [tmp_path / f"{name}.log" for name in ("full", "killed", "resumed")]
+    _finish(_launch(synth_dir, tok, full, logs[0]), logs[0])
+    ckpt_step, killed_at = _kill_between_checkpoints(_launch(synth_dir, tok, killed, logs[1]), killed)
+    out = _finish(_launch(synth_dir, tok, killed, logs[2], "train.resume=latest"), logs[2])
     assert f"resumed from {killed / 'checkpoints'}" in out and "steps / epochs  14 / 1" in out
     want, got = _losses(full), _losses(killed)
-    assert ckpt_step < killed_at < 14 and killed_at % 9 != 0, "the kill should fall between checkpoints, mid-epoch"
+    assert ckpt_step < killed_at < 14, "the kill should fall between checkpoints, mid-epoch"
     assert sorted(got) == sorted(want) == list(range(1, 15))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), f"step {step}"
