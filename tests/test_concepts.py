@@ -174,3 +174,19 @@ def test_cache_refuses_bad_construction():
         ConceptCache(["a", "a"])
     with pytest.raises(ValueError, match="template"):
         ConceptCache(["a"], template="a photo")
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_data_concepts_command_writes_the_vocabulary(synth_dir, tmp_path, capsys):
+    from nlip_ds.cli import main
+
+    out = tmp_path / "concepts.txt"
+    assert main(["data", "concepts", "--shards", str(synth_dir / "train"), "--out", str(out), "--top-k", "17"]) == 0
+    names = load_vocabulary(out)
+    assert set(names) == set(load_vocabulary(synth_dir / "concepts.txt")) | {"dark"}
+    printed = capsys.readouterr().out
+    assert "read 250 captions" in printed and f"wrote 17 concept names to {out}" in printed
+    assert main(["data", "concepts", "--shards", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert f"{tmp_path / 'none'} does not exist" in capsys.readouterr().err
