@@ -366,3 +366,17 @@ def test_init_weights_refuses_partitioned_parameters():
     model.text_proj.weight.data = torch.empty(0)  # what DeepSpeed's zero.Init leaves outside a gather
     with pytest.raises(RuntimeError, match="init_weights=False"):
         model.init_weights()
+
+
+class _Payload:
+    """Stands for arbitrary code in a pickle: unpickling it would run __reduce__'s callable."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pickled code ran",))
+
+
+def test_pretrained_pth_is_read_weights_only_and_a_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "vit.pth"
+    torch.save({"pos_embed": torch.zeros(1), "payload": _Payload()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        ImageEncoder(VisionConfig(pretrained_path=str(path))).init_weights()
