@@ -152,7 +152,8 @@ def test_completer_replaces_picked_rows_within_budget_and_reuses_the_bank(synth_
     assert out["concept_ids"].shape == (4, cfg.model.text.context_length // 2) and out["concept_mask"].any()
     assert completer.generated == 1 and 11 in completer.bank and 13 not in completer.bank  # budget 1: row 1
     assert out["caption_changed"].tolist() == [False, True, False, False]
-    expected, _ = P.caption_rows("replace", batch["input_ids"][1:2], completer.bank.get([11]), bos_id=synth_tokenizer.bos_id,
+    expected, _ = P.caption_rows("replace", batch["input_ids"][1:2], completer.bank.get([11]),
+                                 bos_id=synth_tokenizer.bos_id,
                                  eos_id=synth_tokenizer.eos_id, pad_id=synth_tokenizer.pad_id,
                                  special=completer.special)
     assert torch.equal(out["input_ids"][1], expected[0])
@@ -273,7 +274,8 @@ def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, s
     pytest.importorskip("deepspeed")
     from nlip_ds.model import NLIPModel
 
-    overrides = ["completion.max_tokens=8", "completion.min_tokens=1", f"completion.vocabulary={synth_dir / 'concepts.txt'}"]
+    overrides = ["completion.max_tokens=8", "completion.min_tokens=1",
+                 f"completion.vocabulary={synth_dir / 'concepts.txt'}"]
     cfg = load_config(None, overrides)
     tok = synth_tokenizer
     torch.manual_seed(0)
