@@ -1,6 +1,11 @@
 """Concept vocabulary (loading, building from captions), the concept cache (refresh, retrieval, prefix,
 checkpoint state), and retrieval of the true objects of synthetic images by a briefly trained tiny model."""
-import math
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +195,75 @@ def test_data_concepts_command_writes_the_vocabulary(synth_dir, tmp_path, capsys
     assert "read 250 captions" in printed and f"wrote 17 concept names to {out}" in printed
     assert main(["data", "concepts", "--shards", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert f"{tmp_path / 'none'} does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ trained model
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """100 steps of the tiny model (batch 32, one process) on 400 clean synthetic pairs: about a minute on 2
+    cores. Clean captions because this measures retrieval, not noise robustness."""
+    from nlip_ds.data.synthetic import synthesize
+
+    base = tmp_path_factory.mktemp("concepts_run")
+    data = base / "data"
+    synthesize(data, 400, incorrect_rate=0.0, incomplete_rate=0.0, val_samples=0, test_samples=160,
+               shard_size=100, seed=5)
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
+           f"data.train={data / 'train'}", f"data.test={data / 'test'}", "data.val=null",
+           f"data.tokenizer={base / 'tokenizer'}", f"train.output_dir={base / 'run'}", "data.workers=0",
+           "train.micro_batch_size=32", "train.max_steps=100", "train.epochs=100", "noise.enabled=false",
+           "eval.enabled=false", "monitor.progress=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="2", PYTHONPATH=str(root))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return base / "run", data
+
+
+def true_objects(split_dir: Path) -> dict[str, list[str]]:
+    """'shard:key' -> the object names ("red circle") the synthetic .json stores."""
+    objects = {}
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    objects[f"{shard}:{member.name[:-5]}"] = meta["objects"]
+    return objects
+
+
+@pytest.mark.slow
+def test_retrieval_finds_the_true_objects(short_run):
+    """Top-5 recall of the words of each test image's true objects (its colours and shapes, 16 concepts):
+    measured 0.556 and 0.558 in two runs over 160 test images after 100 steps (colours 0.752 and 0.729,
+    shapes 0.360), chance 5/16 = 0.3125. The colours carry it: the shapes are still near chance after so
+    short a training (150 steps at batch 64 did not lift them either)."""
+    from nlip_ds.data.synthetic import COLORS, SHAPES
+    from nlip_ds.eval.checkpoint import load_for_eval
+    from nlip_ds.eval.data import Problems, image_batches, shard_records
+
+    run, data = short_run
+    loaded = load_for_eval(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cache = ConceptCache(load_vocabulary(data / "concepts.txt"))
+    cache.refresh(model.encode_text, tokenizer, "cpu", max_length=model.config.text.context_length)
+    truth = true_objects(data / "test")
+    hits = {"all": [0, 0], "colour": [0, 0], "shape": [0, 0]}
+    for images, kept in image_batches(shard_records(str(data / "test")), model.config.vision.image_size, 64,
+                                      Problems()):
+        with torch.no_grad():
+            retrieved = cache.names(cache.retrieve(model.encode_image(images), 5))
+        for names, record in zip(retrieved, kept):
+            words = {w for name in truth[record.where] for w in name.split()}
+            for kind, wanted in (("all", words), ("colour", words & set(COLORS)), ("shape", words & set(SHAPES))):
+                hits[kind][0] += len(wanted & set(names))
+                hits[kind][1] += len(wanted)
+    assert hits["all"][1] > 200  # 160 images, 1-3 objects of two words each
+    recall = {kind: found / total for kind, (found, total) in hits.items()}
+    chance = 5 / len(cache)
+    assert recall["all"] > chance + 0.13, recall
+    assert recall["colour"] > chance + 0.3, recall
