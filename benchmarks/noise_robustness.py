@@ -79,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, default=1, help="seeds per setting")
     p.add_argument("--seeds-at-max-level", type=int, default=2, help="seeds at the highest noise level")
-    p.add_argument("--samples", type=int, default=2000, help="training samples per dataset")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--samples", type=int, default=4000, help="training samples per dataset (the demo's)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (the demo's)")
     p.add_argument("--batch", type=int, default=64, help="global batch (one process)")
     p.add_argument("--caption-samples", type=int, default=200, help="test images captioned for CIDEr")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
@@ -150,6 +150,7 @@ def train(run: Run, args: argparse.Namespace, threads: int) -> None:
     log = run.folder / "train.log"
     nlip_ds("train", "--config", args.config, f"data.train={run.data / 'train'}", f"data.val={run.data / 'val'}",
             f"data.test={run.data / 'test'}", f"data.tokenizer={run.data / 'tokenizer'}",
+            f"completion.vocabulary={run.data / 'concepts.txt'}",
             f"train.output_dir={run.folder / 'run'}", f"train.seed={run.seed}", f"train.epochs={args.epochs}",
             f"train.micro_batch_size={args.batch}", "data.workers=0", "monitor.progress=false",
             "monitor.save_refit_data=true", *VARIANTS[run.variant],
