@@ -7,8 +7,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from nlip_ds.config import DataConfig
+from nlip_ds.config import DataConfig, ModelConfig
+
+TOPOLOGY_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # 250 training samples in shards of 30: 9 shards, the last one short, so exact epochs need pads.
 SYNTH_TRAIN, SYNTH_EVAL, SYNTH_SHARD = 250, 40, 30
@@ -79,3 +82,30 @@ def shard_tools():
     from types import SimpleNamespace
 
     return SimpleNamespace(png=png_bytes, tar=write_tar, sample=good_sample, members=read_members)
+
+
+@pytest.fixture(scope="module")
+def random_export(synth_tokenizer, tmp_path_factory):
+    """An untrained tiny model exported with its tokenizer (one per test module: `nlip-ds eval` writes into it)."""
+    from nlip_ds.model import NLIPModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("export")
+    tok_dir = synth_tokenizer.save(tmp_path_factory.mktemp("tok") / "tokenizer")
+    NLIPModel.from_config(ModelConfig(), synth_tokenizer).save_pretrained(out, tokenizer_dir=tok_dir)
+    return out
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run `nlip-ds ...` in this process without launcher variables; returns (exit status, stdout, stderr)."""
+    from nlip_ds.cli import main
+
+    for var in TOPOLOGY_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+    def run(*argv):
+        status = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+    return run

@@ -9,9 +9,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
-
-from nlip_ds.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -41,32 +38,6 @@ def _scalars(folder: Path) -> set:
 
 
 # ------------------------------------------------------------------------------------------------ fast
-
-
-@pytest.fixture(scope="module")
-def random_export(synth_tokenizer, tmp_path_factory):
-    from nlip_ds.model import NLIPModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("export")
-    tok_dir = synth_tokenizer.save(tmp_path_factory.mktemp("tok") / "tokenizer")
-    NLIPModel.from_config(ModelConfig(), synth_tokenizer).save_pretrained(out, tokenizer_dir=tok_dir)
-    return out
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run `nlip-ds ...` in this process; returns (exit status, stdout, stderr)."""
-    from nlip_ds.cli import main
-
-    for var in TOPOLOGY_VARS:
-        monkeypatch.delenv(var, raising=False)
-
-    def run(*argv):
-        status = main([str(a) for a in argv])
-        out = capsys.readouterr()
-        return status, out.out, out.err
-    return run
 
 
 def test_zeroshot_on_an_export_writes_json_tensorboard_and_a_table(cli, random_export, synth_dir, tmp_path):

@@ -162,22 +162,9 @@ def _caption_and_write(args, topo, device) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
+    from nlip_ds.eval.cli import run_on_processes
 
-    from nlip_ds.config import ConfigError
-    from nlip_ds.eval.cli import _start_processes
-    from nlip_ds.monitor import setup_logging
-
-    topo, device = _start_processes(args.device)
-    setup_logging(topo.rank)
-    try:
-        return _caption_and_write(args, topo, device)
-    except (OSError, ValueError, ConfigError) as exc:
-        print(f"nlip-ds caption: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_on_processes("caption", args.device, lambda topo, device: _caption_and_write(args, topo, device))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -62,7 +62,7 @@ def _options(args):
                                                                       args.min_tokens, args.num_beams))
 
 
-def _start_processes(device_arg):
+def start_processes(device_arg):
     """(Topology, device); a process group (NCCL on GPUs, gloo otherwise) only when WORLD_SIZE > 1."""
     import torch.distributed as dist
 
@@ -78,22 +78,29 @@ def _start_processes(device_arg):
     return topo, device
 
 
-def run(args: argparse.Namespace) -> int:
+def run_on_processes(command: str, device_arg, body) -> int:
+    """Run `body(topo, device)` on one process or on every rank of a launcher (`nlip-ds eval`, `nlip-ds
+    caption`): a bad input becomes one line `nlip-ds COMMAND: error: ...` and exit status 2, and the process
+    group is left before returning."""
     import torch.distributed as dist
 
     from nlip_ds.config import ConfigError
     from nlip_ds.monitor import setup_logging
 
-    topo, device = _start_processes(args.device)
+    topo, device = start_processes(device_arg)
     setup_logging(topo.rank)
     try:
-        return _evaluate_and_report(args, topo, device)
+        return body(topo, device)
     except (OSError, ValueError, ConfigError) as exc:
-        print(f"nlip-ds eval: error: {exc}", file=sys.stderr)
+        print(f"nlip-ds {command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_on_processes("eval", args.device, lambda topo, device: _evaluate_and_report(args, topo, device))
 
 
 def _evaluate_and_report(args, topo, device) -> int:
