@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -165,14 +165,3 @@ def run(args: argparse.Namespace) -> int:
     from nlip_ds.eval.cli import run_on_processes
 
     return run_on_processes("caption", args.device, lambda topo, device: _caption_and_write(args, topo, device))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="nlip-ds")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

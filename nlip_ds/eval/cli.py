@@ -119,14 +119,3 @@ def _evaluate_and_report(args, topo, device) -> int:
         print(format_table(results))
         print(f"results: {out}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="nlip-ds")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
