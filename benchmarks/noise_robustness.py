@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -204,6 +205,8 @@ def aggregate(runs: list[Run]) -> dict:
 def fmt(values: list[float] | None) -> str:
     if not values:
         return "-"
+    if any(math.isnan(v) for v in values):
+        return "n/a"  # e.g. detection AUC without noisy pairs
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -314,7 +317,8 @@ def write_report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: 
     if failed:
         lines += ["", "Failed runs (their logs are in the run folders):", ""]
         lines += [f"- `{r.name}`: {r.error.splitlines()[0]}" for r in failed]
-    lines += ["", "`-` marks a metric a variant does not produce (no estimator, no AUC) or a failed run.", ""]
+    lines += ["", "`-` marks a metric a variant does not produce (no estimator, no AUC) or a failed run; `n/a` an "
+              "AUC without noisy pairs to detect (0% noise).", ""]
     lines += ["## Metrics by variant", "", f"![metrics]({figures.name}/{plot_bars(table, levels, variants, figures).name})", ""]
     top = max(levels)
     for level in levels:

@@ -41,6 +41,7 @@ def test_mean_and_spread_over_seeds_are_formatted():
     assert report.fmt(None) == "-"
     assert report.fmt([0.5]) == "0.500"
     assert report.fmt([0.2, 0.4]) == "0.300 ± 0.141"
+    assert report.fmt([float("nan")]) == "n/a"
 
 
 @pytest.mark.slow
