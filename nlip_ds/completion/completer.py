@@ -20,8 +20,7 @@
    rank's bank. Picked pairs with a caption in the bank get it (replace/threshold: instead of the original,
    with omega = 0; concat: after the original).
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
-   ("caption_changed"); NLIPTask then computes the per-sample loss of the original pairs for the noise
-   estimator (policy.original_pair_loss).
+   ("caption_changed"); NLIPTask hands the noise estimator the loss of the original pairs without concepts.
 
 Host syncs: from stage 2 on, the ids and the policy's picks go to the host every step (the bank is a host
 dict) and one small all-reduce runs per step; generation itself needs one per decoder step.
@@ -120,7 +119,7 @@ class Completer:
             batch["input_ids"] = batch["input_ids"].index_copy(0, index, new_ids.to(device))
             batch["attention_mask"] = batch["attention_mask"].index_copy(0, index, new_mask.to(device))
             changed[index] = True
-        batch["caption_changed"] = changed  # NLIPTask: the estimator gets these rows' original-caption loss
+        batch["caption_changed"] = changed  # which rows train on a synthetic caption
         if P.zeroes_omega(self.c.policy):
             omega = omega.masked_fill(changed, 0.0)
         share = changed.float().mean()

@@ -1,5 +1,5 @@
-"""Completion policies: which pairs train on a synthetic caption, how the caption is built, and the loss of the
-original pair that the noise estimator keeps seeing.
+"""Completion policies: which pairs train on a synthetic caption and how the caption is built. (The noise
+estimator keeps seeing the original pair's loss: nlip_ds/train/task.py.)
 
 - `replace` (default): a pair uses its synthetic caption with probability ε; `threshold`: when ε > 0.5;
   `concat`: with probability ε, the original caption followed by the synthetic one, cut to the context length.
@@ -72,22 +72,3 @@ def caption_rows(policy: str, original: torch.Tensor, synthetic: torch.Tensor, *
 def zeroes_omega(policy: str) -> bool:
     """Whether a pair on its synthetic caption trains with ω = 0 (its noisy caption is gone)."""
     return policy in ("replace", "threshold")
-
-
-@torch.no_grad()
-def original_pair_loss(img: torch.Tensor, txt_all: torch.Tensor, img_all: torch.Tensor, txt_orig: torch.Tensor,
-                       scale: torch.Tensor, row_offset: int) -> torch.Tensor:
-    """Per-sample InfoNCE of each local pair with its ORIGINAL caption, against the gathered batch.
-
-    img (n, D), txt_orig (n, D): this rank's image and original-caption embeddings; img_all, txt_all (N, D): the
-    gathered batch as trained (other rows keep their training captions); row_offset: this rank's first row.
-    l_i = 1/2 [-log softmax_j(scale s(v_i, t_j))[i] - log softmax_j(scale s(v_j, t_i))[i]] with t_i the
-    original caption, the same formula as the fused kernel's per-sample output.
-    """
-    n = img.shape[0]
-    rows = torch.arange(n, device=img.device)
-    pos = scale * (img * txt_orig).sum(1)  # (n,)
-    i2t = scale * img @ txt_all.T  # (n, N)
-    i2t[rows, rows + row_offset] = pos  # this pair's text is the original one
-    t2i = scale * txt_orig @ img_all.T  # (n, N): column i of s with the original caption
-    return 0.5 * (i2t.logsumexp(1) - pos + t2i.logsumexp(1) - pos)
