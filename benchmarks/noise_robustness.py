@@ -64,6 +64,7 @@ class Run:
     metrics: dict = field(default_factory=dict)
     error: str = ""
     seconds: float = 0.0
+    reused: bool = False
 
     @property
     def name(self) -> str:
@@ -131,17 +132,20 @@ def finished(run: Run) -> bool:
 
 def train_and_score(run: Run, args: argparse.Namespace, threads: int) -> Run:
     start = time.monotonic()
+    timing = run.folder / "seconds.txt"  # wall time of training and captioning, kept for a reused run
     try:
-        if args.fresh or not finished(run):
+        run.reused = not args.fresh and finished(run)
+        if not run.reused:
             if run.folder.exists():
                 shutil.rmtree(run.folder)  # a run that did not finish: start it again
             run.folder.mkdir(parents=True)
             train(run, args, threads)
             caption(run, args, threads)
+            timing.write_text(f"{time.monotonic() - start:.1f}\n")
         run.metrics = collect(run)
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the report
         run.error = str(exc)
-    run.seconds = time.monotonic() - start
+    run.seconds = float(timing.read_text()) if timing.is_file() else time.monotonic() - start
     status = "failed" if run.error else ", ".join(f"{k} {v:.3f}" for k, v in run.metrics.items())
     print(f"[report] {run.name}: {status} ({run.seconds:.0f} s)", flush=True)
     return run
@@ -298,8 +302,10 @@ def write_report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: 
     table = aggregate(runs)
     levels, variants = sorted(set(args.levels)), list(args.variants)
     lines = ["# Noise-robustness report", "",
-             f"Produced by `{command}` in {elapsed / 60:.1f} minutes on this machine "
-             f"({os.cpu_count()} cores, {args.jobs} run(s) at a time). Synthetic data (`nlip-ds data synth`, "
+             f"Produced by `{command}` on this machine ({os.cpu_count()} cores, {args.jobs} run(s) at a time): "
+             f"the runs took {sum(r.seconds for r in runs) / 60:.1f} minutes of training and captioning in "
+             f"total, this call {elapsed / 60:.1f} minutes of wall time ({sum(r.reused for r in runs)} of "
+             f"{len(runs)} runs reused from an earlier call). Synthetic data (`nlip-ds data synth`, "
              f"{args.samples} training samples, incorrect and incomplete captions in equal parts, clean test "
              f"split), config `{args.config}` with {args.epochs} epochs, global batch {args.batch}, one process per "
              "run" + (f", overrides `{' '.join(args.overrides)}`" if args.overrides else "") + ". "
@@ -319,7 +325,8 @@ def write_report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: 
         lines += [f"- `{r.name}`: {r.error.splitlines()[0]}" for r in failed]
     lines += ["", "`-` marks a metric a variant does not produce (no estimator, no AUC) or a failed run; `n/a` an "
               "AUC without noisy pairs to detect (0% noise).", ""]
-    lines += ["## Metrics by variant", "", f"![metrics]({figures.name}/{plot_bars(table, levels, variants, figures).name})", ""]
+    bars = plot_bars(table, levels, variants, figures)
+    lines += ["## Metrics by variant", "", f"![metrics]({figures.name}/{bars.name})", ""]
     top = max(levels)
     for level in levels:
         roc = plot_roc(runs, level, figures)

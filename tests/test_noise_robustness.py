@@ -67,4 +67,5 @@ def test_report_runs_end_to_end_at_a_toy_size(tmp_path):
     # a second call reuses the finished runs instead of training again
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "synthesizing" not in again.stdout
+    assert "(2 of 2 runs reused from an earlier call)" in doc.read_text()
     assert json.loads((tmp_path / "out" / "results.json").read_text())[0]["metrics"] == runs[0]["metrics"]

@@ -66,8 +66,8 @@ class NLIPTask(nn.Module):
         gathered batch of such captions: what the noise estimator must see. The prefix is retrieved from the
         image, so with it an incorrect caption borrows its image's concepts and looks clean (docs/completion.md:
         the detection AUC fell from 0.96 to about 0.75 when the estimator saw the prefixed loss), and a replaced
-        caption says nothing about the original pair. One no-grad T_e forward on every rank (lockstep under ZeRO-3: every
-        rank's batch has a prefix from the same epoch on) and one all-gather of (n, D)."""
+        caption says nothing about the original pair. One no-grad T_e forward on every rank (lockstep under
+        ZeRO-3: every rank's batch has a prefix from the same epoch on) and one all-gather of (n, D)."""
         input_ids = batch.get("orig_input_ids", batch["input_ids"])
         attention_mask = batch.get("orig_attention_mask", batch["attention_mask"])
         txt = self.model.encode_text(input_ids, attention_mask)  # (n, D)
