@@ -260,6 +260,8 @@ def plot_roc(runs: list[Run], level: float, figures: Path) -> Path | None:
         if run.level != level or run.seed != 0 or not files:
             continue
         record = torch.load(files[-1], weights_only=True)
+        if not bool((record["flags"] == 1).any()):
+            continue  # nothing noisy to detect (0% noise)
         fpr, tpr = roc_curve(record["epsilon"], record["flags"].long())
         ax.plot(fpr, tpr, label=f"{run.variant} (AUC {run.metrics.get('auc', float('nan')):.3f})")
         drawn += 1
