@@ -91,7 +91,7 @@ setup(
     package_data={"nlip_ds": ["resources/*"], "nlip_ds.completion": ["default_concepts.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
-    entry_points={"console_scripts": ["nlip-ds = nlip_ds.cli:main"]},
+    entry_points={"console_scripts": ["nlip-ds = nlip_ds.cli:entry"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
 )

@@ -100,5 +100,27 @@ def main(argv=None) -> int:
         return 2
 
 
+def entry(argv=None) -> None:
+    """The process entry (`nlip-ds`, `python -m nlip_ds.cli`, the deepspeed launcher's `--module`): run the
+    command, flush, and end the process without the interpreter's teardown. Everything is on disk and the
+    process group is left by then, yet a rank sometimes still died in C++ static destructors at exit
+    ("terminate called without an active exception", status -6), turning a finished run or a clean
+    preemption into a failure; the thread at fault was not found. An uncaught error still ends the normal
+    way, with its traceback."""
+    import logging
+    import os
+
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse, a preemption (0), a non-finite stop (1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,8 +1,6 @@
 """`nlip-ds` as a script path, for `deepspeed --launcher slurm`, which starts `python -u SCRIPT ARGS` on every
 rank and has no equivalent of `--module`."""
-import sys
-
-from nlip_ds.cli import main
+from nlip_ds.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -72,8 +72,8 @@ def probed_train_step(engine, cfg, state, batch, acc, guard):
         f.write(json.dumps(record) + "\n")
 loop.train_step = probed_train_step
 
-from nlip_ds.cli import main
-sys.exit(main(sys.argv[2:]))
+from nlip_ds.cli import entry
+entry(sys.argv[2:])
 """
 
 
