@@ -22,21 +22,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from nlip_ds.distributed import leave_process_group
     from nlip_ds.train.loop import train
 
     train(load_config(args.config, args.overrides))
-    _leave_process_group()
+    leave_process_group()
     return 0
-
-
-def _leave_process_group() -> None:
-    """Ranks leave together and tear gloo/NCCL down before the interpreter exits: left to the exit-time
-    destructors, the process group's threads can die joinable and abort the rank (std::terminate, exit -6)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def cmd_export(args) -> int:
