@@ -141,7 +141,8 @@ class NoiseConfig:
     enabled: bool = opt(True, "estimate per-sample noise and use the noise-adaptive loss")
     warmup_epochs: int = opt(1, "E_w: epochs of plain CLIP loss before the first fit", lo=0)
     lambda_: float = opt(0.5, "omega = lambda * epsilon", lo=0.0, hi=1.0)
-    nitc_mode: str = opt("soft_target", "form of L_NITC", choices=("soft_target", "penalty"))
+    nitc_mode: str = opt("soft_target", "form of L_NITC (METHOD.md, Losses)",
+                         choices=("soft_target", "reweight", "penalty"))
     penalty_mu: float = opt(1.0, "mu of the penalty form", lo=0.0)
     refit_every: Optional[int] = opt(None, "refit every N samples (streaming data) instead of per epoch",
                                      lo=1)
@@ -162,7 +163,10 @@ class CompletionConfig:
     refresh_concepts_every: int = opt(50, "steps between concept-embedding refreshes", lo=1)
     per_step_budget: int = opt(8, "synthetic captions generated per rank per step at most", lo=0)
     refresh_every_epochs: int = opt(2, "R: regenerate cached captions after this many epochs", lo=1)
+    strategy: str = opt("nucleus", "decoding of synthetic captions (nucleus: the method's sampling; greedy or "
+                        "beam: the decoder's most likely caption)", choices=("nucleus", "greedy", "beam"))
     top_p: float = opt(0.9, "nucleus sampling mass", lo=0.0, hi=1.0)
+    num_beams: int = opt(3, "beams of the beam strategy", lo=1, hi=16)
     min_tokens: int = opt(5, "shortest synthetic caption", lo=1)
     max_tokens: int = opt(30, "longest synthetic caption", lo=1)
 

@@ -47,6 +47,19 @@ def test_caption_over_shards_writes_one_line_per_image_in_order(cli, random_expo
     assert [x["caption"] for x in read_jsonl(tmp_path / "seed1.jsonl")] != [x["caption"] for x in lines]
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_deterministic_strategies_ignore_the_seed(cli, random_export, synth_dir, tmp_path, strategy):
+    args = ["--images", synth_dir / "test", "--concepts", synth_dir / "concepts.txt", "--strategy", strategy,
+            "--num-beams", 2, *FAST]
+    captions = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}.jsonl"
+        status, _, stderr = cli("caption", "--checkpoint", random_export, "--out", out, "--seed", seed, *args)
+        assert status == 0, stderr
+        captions.append([line["caption"] for line in read_jsonl(out)])
+    assert captions[0] == captions[1] and len(captions[0]) == 40
+
+
 def images_from_shards(split_dir: Path, out: Path, count: int) -> list[Path]:
     """The first `count` images of the shards as out/<a|b>/<key>.png (a nested folder)."""
     files = []

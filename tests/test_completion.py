@@ -160,6 +160,20 @@ def test_completer_replaces_picked_rows_within_budget_and_reuses_the_bank(synth_
     assert restored.bank.get([11, 13]).tolist() == completer.bank.get([11, 13]).tolist()
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_deterministic_strategies_bank_the_decoders_own_caption(synth_dir, synth_tokenizer, strategy):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, f"completion.strategy={strategy}",
+                                         "completion.num_beams=2")
+    eps = torch.tensor([1.0, 0.0, 0.0, 1.0])  # probability 1: rows 0 and 3 are picked
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    rows = torch.tensor([0, 3])
+    expected = task.model.generate(batch["image"][rows], out["concept_ids"][rows], out["concept_mask"][rows],
+                                   strategy=strategy, num_beams=2, min_tokens=2, max_tokens=8)
+    banked = completer.bank.get([10, 13])
+    assert torch.equal(banked[:, :expected.shape[1]], expected)
+    assert (banked[:, expected.shape[1]:] == synth_tokenizer.pad_id).all()
+
+
 def test_concat_keeps_omega_and_the_original_text(synth_dir, synth_tokenizer):
     cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=concat")
     eps = torch.tensor([0.0, 1.0, 0.0, 1.0])  # probability 1: always picked

@@ -73,12 +73,14 @@ def run(fn, inputs, dtype, device, shared):
     """fn on fresh leaves of `inputs` (rounded to dtype); returns (loss, per_sample, {leaf name: grad})."""
     names = ["img_local", "txt_local", "logit_scale"] + ([] if shared else ["img_all", "txt_all"])
     leaf_dtype = {"logit_scale": torch.float64 if dtype == torch.float64 else torch.float32}
-    leaves = {k: inputs[k].to(device=device, dtype=leaf_dtype.get(k, dtype)).requires_grad_() for k in names}
+    # clone: .to() returns the input itself when nothing changes, and two runs must not share leaves (their
+    # gradients would accumulate into one tensor, and a comparison of the two would compare it with itself)
+    leaves = {k: inputs[k].to(device=device, dtype=leaf_dtype.get(k, dtype)).clone().requires_grad_() for k in names}
     img_all = leaves["img_local"] if shared else leaves["img_all"]
     txt_all = leaves["txt_local"] if shared else leaves["txt_all"]
     omega = None if inputs["omega"] is None else inputs["omega"].to(device)
     loss, per_sample = fn(leaves["img_local"], leaves["txt_local"], img_all, txt_all, leaves["logit_scale"],
-                          inputs["row_offset"], omega)
+                          inputs["row_offset"], omega, inputs.get("form", "soft_target"))
     loss.backward()
     return loss.detach(), per_sample, {k: v.grad for k, v in leaves.items()}
 
@@ -121,6 +123,29 @@ def check_against_reference(inputs, dtype, device, shared):
 def test_matches_reference(case, omega, dtype, device):
     n, N, offset, d, shared = case
     check_against_reference(make_inputs(n, N, offset, d, omega), dtype, device, shared)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", [(97, 97, 0, 64, True), (7, 20, 13, 3, False), (130, 300, 170, 33, False)],
+                         ids=case_id)
+def test_reweight_form_matches_reference(case, dtype, device):
+    n, N, offset, d, shared = case
+    inputs = {**make_inputs(n, N, offset, d, omega=True), "form": "reweight"}
+    inputs["omega"][:3] = torch.tensor([0.0, 1.0, 1.0])  # mass 1 and mass 0 rows
+    check_against_reference(inputs, dtype, device, shared)
+
+
+def test_reweight_is_the_clean_weighted_mean_of_per_sample_losses():
+    inputs = {**make_inputs(40, 40, 0, 8, omega=True), "form": "reweight"}
+    loss, per_sample, _ = run(fused_contrastive_loss, inputs, torch.float64, "cpu", True)
+    torch.testing.assert_close(loss, ((1 - inputs["omega"]) * per_sample).mean())
+    ones = {**inputs, "omega": torch.ones(40, dtype=torch.float64)}  # every pair weighted out: no loss, no gradient
+    loss, _, grads = run(fused_contrastive_loss, ones, torch.float64, "cpu", True)
+    assert loss.item() == 0.0, loss
+    assert all(g.abs().max().item() < 1e-30 for g in grads.values()), grads
+    with pytest.raises(ValueError, match="form 'margin' is not one of"):
+        run(fused_contrastive_loss, {**inputs, "form": "margin"}, torch.float64, "cpu", True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,8 +202,9 @@ def test_gradcheck_gathered(device):
              for rows in (3, 3, 8, 8)]
     scale = torch.tensor(2.5, dtype=torch.float64, device=device, requires_grad=True)
     omega = torch.rand(3, generator=g, dtype=torch.float64).to(device)
-    fn = lambda vl, tl, va, ta, s: fused_contrastive_loss(vl, tl, va, ta, s, 5, omega)[0]  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (*feats, scale))
+    for form in ("soft_target", "reweight"):
+        fn = lambda vl, tl, va, ta, s: fused_contrastive_loss(vl, tl, va, ta, s, 5, omega, form)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (*feats, scale)), form
     assert contrastive.last_impl == device
 
 
@@ -188,7 +214,9 @@ def test_gradcheck_shared(device):
     v, t = (torch.randn(5, 3, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
     scale = torch.tensor(1.5, dtype=torch.float64, device=device, requires_grad=True)
     omega = torch.rand(5, generator=g, dtype=torch.float64).to(device)
-    assert torch.autograd.gradcheck(lambda v, t, s: fused_contrastive_loss(v, t, v, t, s, 0, omega)[0], (v, t, scale))
+    for form in ("soft_target", "reweight"):
+        fn = lambda v, t, s: fused_contrastive_loss(v, t, v, t, s, 0, omega, form)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (v, t, scale)), form
     assert contrastive.last_impl == device
 
 

@@ -1,4 +1,5 @@
-"""NoiseState lookups of ε / ω by sample id, its checkpoints, and the `penalty` nitc term."""
+"""NoiseState lookups of ε / ω by sample id, its checkpoints, the `penalty` nitc term, and NLIPTask's use of
+each nitc mode."""
 import io
 
 import pytest
@@ -108,3 +109,30 @@ def test_penalty_term_gradients():
     penalty_term(img, txt, omega, 0.7).backward()
     assert omega.grad is None  # ω is a constant of the loss
     torch.testing.assert_close(img.grad, 0.7 * omega.detach()[:, None] * txt.detach() / 5)
+
+
+@pytest.mark.parametrize("mode", ["soft_target", "reweight", "penalty"])
+def test_task_applies_each_nitc_mode_to_the_contrastive_term(synth_tokenizer, mode):
+    from nlip_ds.config import load_config
+    from nlip_ds.model import NLIPModel
+    from nlip_ds.ops import fused_contrastive_loss_ref
+    from nlip_ds.train.task import NLIPTask
+
+    cfg = load_config(None, [f"noise.nitc_mode={mode}", "noise.penalty_mu=0.3"])
+    torch.manual_seed(0)
+    task = NLIPTask(NLIPModel.from_config(cfg.model, synth_tokenizer), cfg).eval()
+    captions = ["a red circle", "IMG_0042.jpg", "a small green star above a blue square", "my photo"]
+    ids, mask = synth_tokenizer.encode(captions, cfg.model.text.context_length)
+    batch = {"image": torch.randn(4, 3, 32, 32), "input_ids": ids, "attention_mask": mask}
+    omega = torch.tensor([0.0, 0.5, 0.25, 1.0])
+    with torch.no_grad():
+        terms = task(batch, omega, 1 - omega)
+        img, txt = task.model.encode_image(batch["image"]), task.model.encode_text(ids, mask)
+        scale = task.model.logit_scale()
+        plain, per_sample = fused_contrastive_loss_ref(img, txt, img, txt, scale)
+        expected = {"soft_target": fused_contrastive_loss_ref(img, txt, img, txt, scale, 0, omega)[0],
+                    "reweight": ((1 - omega) * per_sample).mean(),
+                    "penalty": plain + penalty_term(img, txt, omega, 0.3)}[mode]
+    torch.testing.assert_close(terms["contrastive_loss"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["per_sample_loss"], per_sample, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(terms["contrastive_loss"], plain)  # omega did something

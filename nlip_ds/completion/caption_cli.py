@@ -39,7 +39,10 @@ def add_subcommand(sub) -> None:
     p.add_argument("--concepts", help="concept vocabulary, one name per line (default: the shipped generic one)")
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--top-k", type=int, default=5, help="concepts per image (default 5)")
+    p.add_argument("--strategy", choices=("nucleus", "greedy", "beam"), default="nucleus",
+                   help="decoding: nucleus sampling (default, as noise-completion samples), greedy or beam")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--num-beams", type=int, default=3, help="beams of --strategy beam (default 3)")
     p.add_argument("--min-tokens", type=int, default=5, help="shortest caption in tokens (default 5)")
     p.add_argument("--max-tokens", type=int, default=30, help="longest caption in tokens (default 30)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -93,8 +96,9 @@ def caption_batch(model, tokenizer, cache, images: torch.Tensor, args, generator
     """(concept names per image, caption per image) of one batch of normalized images (B, 3, S, S)."""
     top = cache.retrieve(model.encode_image(images), args.top_k)  # (B, k)
     concept_ids, concept_mask = cache.prefix(top, tokenizer, model.config.text.context_length)
-    ids = model.generate(images, concept_ids, concept_mask, strategy="nucleus", max_tokens=args.max_tokens,
-                         min_tokens=args.min_tokens, top_p=args.top_p, generator=generator)
+    ids = model.generate(images, concept_ids, concept_mask, strategy=args.strategy, max_tokens=args.max_tokens,
+                         min_tokens=args.min_tokens, top_p=args.top_p, num_beams=args.num_beams,
+                         generator=generator)
     return cache.names(top), tokenizer.decode(ids)
 
 
@@ -117,7 +121,7 @@ def caption_share(model, tokenizer, cache, args, rank: int, world_size: int, dev
 
 
 def _check(args) -> None:
-    for name in ("top_k", "batch_size", "max_tokens"):
+    for name in ("top_k", "batch_size", "max_tokens", "num_beams"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 < args.top_p <= 1:

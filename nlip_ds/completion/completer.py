@@ -14,7 +14,8 @@
    first rows of the batch for a TensorBoard text panel.
 3. From completion.start_epoch on, the policy picks the pairs that train on a synthetic caption. Picked pairs
    without a fresh caption in the bank (none yet, or one older than completion.refresh_every_epochs) are
-   captioned in-step, at most completion.per_step_budget per rank, by nucleus sampling in lockstep: one
+   captioned in-step, at most completion.per_step_budget per rank, by completion.strategy (nucleus sampling by
+   default) in lockstep: one
    all-reduce says whether any rank has work; if so every rank calls generate exactly once (a rank with no
    work on one dummy row, discarded) with a sync_fn, and one all-gather puts the new captions into every
    rank's bank. Picked pairs with a caption in the bank get it (replace/threshold: instead of the original,
@@ -145,13 +146,13 @@ class Completer:
 
     def generate(self, model, images: torch.Tensor, concept_ids: torch.Tensor, concept_mask: torch.Tensor,
                  step: int) -> torch.Tensor:
-        """(m, max_tokens) synthetic captions (ids after [BOS], padded) by nucleus sampling, seeded by (seed,
-        step, rank) so a resumed run draws the same. Lockstep: every rank must call this together."""
+        """(m, max_tokens) synthetic captions (ids after [BOS], padded) by completion.strategy; sampling is seeded
+        by (seed, step, rank) so a resumed run draws the same. Lockstep: every rank must call this together."""
         generator = torch.Generator(device=images.device)
         generator.manual_seed(generation_seed(self.seed, step, D.get_rank()))
         with inference(model):
-            out = model.generate(images, concept_ids, concept_mask, strategy="nucleus", top_p=self.c.top_p,
-                                 min_tokens=self.c.min_tokens, max_tokens=self.c.max_tokens,
+            out = model.generate(images, concept_ids, concept_mask, strategy=self.c.strategy, top_p=self.c.top_p,
+                                 num_beams=self.c.num_beams, min_tokens=self.c.min_tokens, max_tokens=self.c.max_tokens,
                                  generator=generator, sync_fn=lambda unfinished: self._any_rank(unfinished, images))
         padded = torch.full((out.shape[0], self.c.max_tokens), self.tokenizer.pad_id, dtype=torch.long,
                             device=out.device)

@@ -1,4 +1,4 @@
-"""Fused symmetric InfoNCE (CLIP) and soft-target NLIP contrastive loss.
+"""Fused symmetric InfoNCE (CLIP) and the NLIP noise-adaptive contrastive losses.
 
 Three layers (STYLE.md 6): the kernels and their checking binding in kernels/ (loaded by .extension), the
 autograd rule `_FusedContrastive` here, and the public `fused_contrastive_loss`, which picks the compiled kernel
@@ -7,9 +7,14 @@ for the features' device and falls back, with a one-time warning, to the materia
 
 Semantics (METHOD.md): this rank's n pairs are rows [row_offset, row_offset + n) of the N gathered pairs.
     l_i  = 1/2 [ -log softmax_j(scale v_i . t_j)[g_i]  -  log softmax_j(scale t_i . v_j)[g_i] ],  g_i = row_offset + i
-    loss = mean_i of the soft-target form  -1/2 sum_j q_ij [log p^i2t_ij + log p^t2i_ij],
-    q_ij = (1 - w_i) [j = g_i] + w_i / (N - 1) [j != g_i]   (w = omega; q is one-hot without omega or when N = 1)
+    loss = mean_i of  -1/2 sum_j q_ij [log p^i2t_ij + log p^t2i_ij]  with targets q (w = omega):
+    soft_target  q_ij = (1 - w_i) [j = g_i] + w_i / (N - 1) [j != g_i]  (one-hot without omega or when N = 1)
+    reweight     q_ij = (1 - w_i) [j = g_i]                             (the loss (1 - w_i) l_i)
 The returned per-sample vector is always the plain l (what the noise estimator consumes), detached.
+
+Both forms are q_ij = a_i [j = g_i] + b_i with row mass m_i = sum_j q_ij = a_i + N b_i (1 for soft_target). The
+kernels compute the logit gradient P - Q of a unit-mass row; the gradient of a row of mass m is m P - Q, which
+they produce when handed lse - log m instead of lse (exp(x - lse + log m) = m p). So one kernel serves both.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "NLIP_DS_DISABLE_EXT"
 
+FORMS = ("soft_target", "reweight")
+
 last_impl: str | None = None
 _warned: set[str] = set()
 
@@ -35,7 +42,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega) -> None:
+def _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega, form) -> None:
     """Shape errors name the offending argument, for the kernel and the reference alike."""
     for name, t in (("img_local", img_local), ("txt_local", txt_local), ("img_all", img_all), ("txt_all", txt_all)):
         if t.dim() != 2 or t.shape[1] != img_local.shape[-1]:
@@ -52,38 +59,54 @@ def _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offse
         raise ValueError(f"logit_scale must hold one element, got shape {tuple(logit_scale.shape)}")
     if omega is not None and tuple(omega.shape) != (n,):
         raise ValueError(f"omega must have shape ({n},), got {tuple(omega.shape)}")
+    if form not in FORMS:
+        raise ValueError(f"form {form!r} is not one of {FORMS}")
 
 
-def soft_target_coefficients(omega, n: int, N: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b), each (n,), with q_ij = a_i [j = g_i] + b_i. Plain CLIP (no omega, or N = 1): a = 1, b = 0."""
-    if omega is None or N == 1:
-        return torch.ones(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
+def target_coefficients(omega, n: int, N: int, dtype, device,
+                        form: str = "soft_target") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, m), each (n,): the targets q_ij = a_i [j = g_i] + b_i of `form` and each row's mass m_i.
+    Plain CLIP (no omega, or N = 1 for soft_target): a = m = 1, b = 0."""
+    ones = torch.ones(n, dtype=dtype, device=device)
+    if omega is None or (N == 1 and form == "soft_target"):
+        return ones, torch.zeros(n, dtype=dtype, device=device), ones
     w = omega.detach().to(dtype=dtype, device=device)
+    if form == "reweight":
+        keep = (1 - w).contiguous()
+        return keep, torch.zeros_like(keep), keep
     b = w / (N - 1)
-    return (1 - w - b).contiguous(), b.contiguous()
+    return (1 - w - b).contiguous(), b.contiguous(), ones
 
 
-def _assemble(stats: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row statistics (2, 3, n) [i2t, t2i] x [lse, pos, rowsum] -> (mean soft-target loss, plain per-sample).
+def _assemble(stats: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row statistics (2, 3, n) [i2t, t2i] x [lse, pos, rowsum] -> (mean target loss, plain per-sample).
 
-    sum_j q_ij logit_ij = a_i pos_i + b_i rowsum_i. With a = 1, b = 0 the two expressions below are the same
-    floating-point operations, so omega = 0 gives exactly the plain CLIP loss.
+    -sum_j q_ij log p_ij = m_i lse_i - (a_i pos_i + b_i rowsum_i). With a = m = 1, b = 0 the two expressions
+    below are the same floating-point operations, so omega = 0 gives exactly the plain CLIP loss.
     """
     lse, pos, rowsum = stats.unbind(1)  # each (2, n)
     per_sample = 0.5 * (lse - pos).sum(0)  # (n,)
-    soft = 0.5 * (lse - (a * pos + b * rowsum)).sum(0)  # (n,)
-    return soft.mean(), per_sample
+    target = 0.5 * (m * lse - (a * pos + b * rowsum)).sum(0)  # (n,)
+    return target.mean(), per_sample
+
+
+def _mass_shifted(lse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """lse - log m (2, n): what makes the kernels' P - Q the gradient m P - Q of a row of mass m. A zero mass
+    is floored at the dtype's smallest normal number, so the kernels never see an infinity (its P term is
+    then below 1e-37 of the plain one)."""
+    return (lse - m.clamp(min=torch.finfo(m.dtype).tiny).log()).contiguous()
 
 
 class _FusedContrastive(torch.autograd.Function):
     """Forward keeps per-row statistics only; backward recomputes the logit tiles in the kernel."""
 
     @staticmethod
-    def forward(ctx, ext, symmetric, row_offset, img_local, txt_local, img_all, txt_all, logit_scale, a, b):
+    def forward(ctx, ext, symmetric, row_offset, img_local, txt_local, img_all, txt_all, logit_scale, a, b, m):
         scale = logit_scale.detach()
         stats = ext.stats(img_local, txt_local, img_all, txt_all, scale, row_offset, symmetric)  # (2, 3, n)
-        loss, per_sample = _assemble(stats, a, b)
-        lse = stats[:, 0].contiguous()  # (2, n)
+        loss, per_sample = _assemble(stats, a, b, m)
+        lse = _mass_shifted(stats[:, 0], m)  # (2, n); the plain lse when every mass is 1
         ctx.save_for_backward(img_local, txt_local, img_all, txt_all, scale, lse, a, b)
         ctx.ext, ctx.symmetric, ctx.row_offset, ctx.scale_shape = ext, symmetric, row_offset, logit_scale.shape
         ctx.mark_non_differentiable(per_sample)
@@ -98,13 +121,14 @@ class _FusedContrastive(torch.autograd.Function):
         d_vl, d_tl, d_va, d_ta, d_scale = ctx.ext.grads(img_local, txt_local, img_all, txt_all, scale,
                                                         ctx.row_offset, ctx.symmetric, lse, a, b, weight)
         d_scale = d_scale.to(scale.dtype).reshape(ctx.scale_shape)
-        return None, None, None, d_vl, d_tl, d_va, d_ta, d_scale, None, None
+        return None, None, None, d_vl, d_tl, d_va, d_ta, d_scale, None, None, None
 
 
-def fused_contrastive_loss_ref(img_local, txt_local, img_all, txt_all, logit_scale, row_offset=0, omega=None):
+def fused_contrastive_loss_ref(img_local, txt_local, img_all, txt_all, logit_scale, row_offset=0, omega=None,
+                               form="soft_target"):
     """Pure-PyTorch reference with the contract of `fused_contrastive_loss`; materializes two (n, N) logit
     matrices. Used by the tests (in float64) and as the fallback."""
-    _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega)
+    _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega, form)
     acc = _acc_dtype(img_local.dtype)
     n, N = img_local.shape[0], img_all.shape[0]
     scale = logit_scale.reshape(()).to(acc)
@@ -113,10 +137,11 @@ def fused_contrastive_loss_ref(img_local, txt_local, img_all, txt_all, logit_sca
     logp_i2t = (scale * (img_local.to(acc) @ txt_all.to(acc).T)).log_softmax(1)  # (n, N)
     logp_t2i = (scale * (txt_local.to(acc) @ img_all.to(acc).T)).log_softmax(1)  # (n, N)
     per_sample = -0.5 * (logp_i2t[rows, target] + logp_t2i[rows, target])  # (n,)
-    if omega is None or N == 1:
+    if omega is None or (N == 1 and form == "soft_target"):
         return per_sample.mean(), per_sample.detach()
     w = omega.detach().to(acc)[:, None]  # (n, 1)
-    q = (w / (N - 1)).expand(n, N).clone()  # (n, N) soft targets
+    off = w / (N - 1) if form == "soft_target" else torch.zeros_like(w)
+    q = off.expand(n, N).clone()  # (n, N) targets
     q[rows, target] = 1 - w[:, 0]
     loss = -0.5 * (q * (logp_i2t + logp_t2i)).sum(1).mean()
     return loss, per_sample.detach()
@@ -144,7 +169,8 @@ def _record(impl: str, fallback_reason: str | None = None) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, row_offset=0, omega=None):
+def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, row_offset=0, omega=None,
+                           form="soft_target"):
     """Symmetric InfoNCE over the gathered batch without materializing the (n, N) logits.
 
     Args:
@@ -153,19 +179,22 @@ def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, 
             row_offset. Pass the local tensors themselves (`img_all is img_local`) in a single process: one
             tile product then serves both directions.
         logit_scale: one-element tensor, the multiplier of the cosines (1/tau); receives a gradient.
-        omega: optional (n,) NLIP weights in [0, 1] for the soft-target loss; treated as a constant.
+        omega: optional (n,) NLIP weights in [0, 1]; treated as a constant.
+        form: how omega enters the loss (module docstring): "soft_target" (the default, METHOD.md's L_NITC)
+            moves a pair's target mass from its own caption to the others; "reweight" scales its loss by 1 - w.
 
     Returns:
         (mean loss over the n local rows, (n,) plain per-sample CLIP loss, detached), both in float32 (float64
         for float64 features). Gradients reach all four feature inputs and logit_scale.
     """
-    _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega)
+    _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega, form)
     ext, reason = _extension_for(img_local.device)
     if ext is None:
         _record("reference", reason)
-        return fused_contrastive_loss_ref(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega)
+        return fused_contrastive_loss_ref(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega,
+                                          form)
     n, N = img_local.shape[0], img_all.shape[0]
-    a, b = soft_target_coefficients(omega, n, N, _acc_dtype(img_local.dtype), img_local.device)
+    a, b, m = target_coefficients(omega, n, N, _acc_dtype(img_local.dtype), img_local.device, form)
     symmetric = img_local is img_all and txt_local is txt_all
     if symmetric:
         v, t = img_local.contiguous(), txt_local.contiguous()
@@ -173,4 +202,4 @@ def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, 
     else:
         features = tuple(x.contiguous() for x in (img_local, txt_local, img_all, txt_all))
     _record(ext.device)
-    return _FusedContrastive.apply(ext, symmetric, int(row_offset), *features, logit_scale, a, b)
+    return _FusedContrastive.apply(ext, symmetric, int(row_offset), *features, logit_scale, a, b, m)

@@ -18,6 +18,7 @@ from nlip_ds.distributed import all_gather_tensor, all_gather_with_grad, get_ran
 from nlip_ds.model.decoder import caption_loss
 from nlip_ds.noise.harmonize import penalty_term
 from nlip_ds.ops import fused_contrastive_loss
+from nlip_ds.ops.contrastive import FORMS
 
 
 class NLIPTask(nn.Module):
@@ -41,9 +42,9 @@ class NLIPTask(nn.Module):
         img, txt = out["image_features"], out["text_features"]  # (n, D) each, L2-normalized
         img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)  # (N, D): every rank's n rows
         row_offset = get_rank() * img.shape[0]
-        soft_omega = omega if self.nitc_mode == "soft_target" else None
-        contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"],
-                                                         row_offset, soft_omega)
+        form = self.nitc_mode if self.nitc_mode in FORMS else None  # penalty: plain CLIP plus its own term
+        contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"], row_offset,
+                                                         omega if form else None, form or "soft_target")
         if self.nitc_mode == "penalty":
             contrastive = contrastive + penalty_term(img, txt, omega, self.penalty_mu)
         caption, _ = caption_loss(out["caption_logits"], out["caption_labels"], clean_prob,
