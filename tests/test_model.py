@@ -22,10 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 SPECIAL = dict(vocab_size=100, pad_id=0, bos_id=1, eos_id=2, sep_id=3)
 
 
-def tiny_config(mae: bool = True, mask_ratio: float = 0.5, concept_dropout: float = 0.5) -> ModelConfig:
+def tiny_config(mae: bool = True, mask_ratio: float = 0.5, concept_dropout: float = 0.5,
+                prefix_in_embedding: bool = False) -> ModelConfig:
     cfg = ModelConfig()  # the defaults are the tiny CPU sizes: 32 px, patch 8, width 64, depth 2
     cfg.vision.mask_ratio = mask_ratio
     cfg.text.concept_dropout = concept_dropout
+    cfg.text.prefix_in_embedding = prefix_in_embedding
     cfg.mae.enabled = mae
     return cfg
 
@@ -83,16 +85,38 @@ def test_logit_scale_is_clamped_and_differentiable():
     assert model.logit_scale.log_scale.grad.item() == pytest.approx(20.0, rel=1e-5)  # d exp(x)/dx
 
 
-def test_eval_mode_has_no_mask_and_no_mae_loss_and_matches_encoders():
-    model = build().eval()
+@pytest.mark.parametrize("prefix_in_embedding", [False, True])
+def test_eval_mode_has_no_mask_and_no_mae_loss_and_matches_encoders(prefix_in_embedding):
+    model = build(prefix_in_embedding=prefix_in_embedding).eval()
     batch = make_batch()
     with torch.no_grad():
         out = model(batch)
         assert "mae_loss" not in out
         torch.testing.assert_close(out["image_features"], model.encode_image(batch["image"]))
-        torch.testing.assert_close(out["text_features"], model.encode_text(
-            batch["input_ids"], batch["attention_mask"], batch["concept_ids"], batch["concept_mask"]))
+        caption = batch["input_ids"], batch["attention_mask"]
+        with_prefix = model.encode_text(*caption, batch["concept_ids"], batch["concept_mask"])
+        expected, other = (with_prefix, model.encode_text(*caption)) if prefix_in_embedding else \
+            (model.encode_text(*caption), with_prefix)
+        torch.testing.assert_close(out["text_features"], expected)
+        assert not torch.allclose(out["text_features"], other)
         assert model.image_tokens(batch["image"]).shape == (4, 1 + 16, 64)
+
+
+def test_decoder_memory_in_training_is_the_prefix_features_generation_uses():
+    """Both ways of feeding the prefix give the decoder the same concept features (T_e is causal), and they
+    are what generation builds its memory from: teacher-forced logits are equal either way."""
+    batch = make_batch()
+    logits = []
+    for prefix_in_embedding in (False, True):
+        model = build(prefix_in_embedding=prefix_in_embedding, mae=False).eval()
+        with torch.no_grad():
+            logits.append(model(batch)["caption_logits"])
+            joint = model.text(batch["input_ids"], batch["attention_mask"], batch["concept_ids"],
+                               batch["concept_mask"])
+            alone = model._concept_features(batch["concept_ids"], batch["concept_mask"])
+        torch.testing.assert_close(alone.concept_features[alone.concept_mask],
+                                   joint.concept_features[joint.concept_mask])
+    torch.testing.assert_close(logits[0], logits[1])
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
@@ -184,10 +208,11 @@ def test_concept_features_never_see_the_caption():
     assert not torch.allclose(a.pooled, b.pooled)
 
 
-def test_concept_dropout_drops_whole_prefix_in_training_only():
+@pytest.mark.parametrize("prefix_in_embedding", [False, True])
+def test_concept_dropout_drops_whole_prefix_in_training_only(prefix_in_embedding):
     batch = make_batch()
     no_concepts = {k: v for k, v in batch.items() if not k.startswith("concept")}
-    model = build(mae=False, mask_ratio=0.0, concept_dropout=1.0)
+    model = build(mae=False, mask_ratio=0.0, concept_dropout=1.0, prefix_in_embedding=prefix_in_embedding)
     for module in model.modules():  # dropout off, so only the concept handling differs between passes
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -197,8 +222,12 @@ def test_concept_dropout_drops_whole_prefix_in_training_only():
         used = model.eval()(batch)
     torch.testing.assert_close(dropped["text_features"], plain["text_features"])
     torch.testing.assert_close(dropped["caption_logits"], plain["caption_logits"])
-    assert not torch.allclose(used["text_features"][0], plain["text_features"][0])
-    torch.testing.assert_close(used["text_features"][2], plain["text_features"][2])  # sample 2 has none
+    assert not torch.allclose(used["caption_logits"][0], plain["caption_logits"][0])  # the decoder reads them
+    torch.testing.assert_close(used["caption_logits"][2], plain["caption_logits"][2])  # sample 2 has none
+    if prefix_in_embedding:
+        assert not torch.allclose(used["text_features"][0], plain["text_features"][0])
+    else:  # the embedding reads the caption alone
+        torch.testing.assert_close(used["text_features"], plain["text_features"])
 
 
 def test_param_groups_exclude_biases_norms_embeddings_and_logit_scale():

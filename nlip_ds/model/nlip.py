@@ -103,9 +103,14 @@ class NLIPModel(nn.Module):
             mask_ratio = self.config.vision.mask_ratio if self.training else 0.0
         vis = self.vision(images, mask_ratio, generator)
         concept_ids, concept_mask = self._concept_prefix(batch, generator)
-        txt = self.text(batch["input_ids"], batch["attention_mask"], concept_ids, concept_mask)
+        if self.config.text.prefix_in_embedding:
+            txt = concepts = self.text(batch["input_ids"], batch["attention_mask"], concept_ids, concept_mask)
+        else:  # the caption alone makes the embedding; the prefix goes to the decoder's memory only
+            txt = concepts = self.text(batch["input_ids"], batch["attention_mask"])
+            if concept_ids is not None:
+                concepts = self._concept_features(concept_ids, concept_mask)
         dec_ids, dec_mask, labels = teacher_forcing(batch["input_ids"], batch["attention_mask"])
-        memory, memory_mask = self.decoder.memory(vis.tokens, txt.concept_features, txt.concept_mask)
+        memory, memory_mask = self.decoder.memory(vis.tokens, concepts.concept_features, concepts.concept_mask)
         out = {
             "image_features": l2_normalize(self.image_proj(vis.pooled)),  # (B, D)
             "text_features": l2_normalize(self.text_proj(txt.pooled)),  # (B, D)
@@ -160,14 +165,19 @@ class NLIPModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------- generation
 
+    def _concept_features(self, concept_ids: torch.Tensor, concept_mask: Optional[torch.Tensor]):
+        """T_e over the concept prefix alone. Under T_e's causal mask these are the features the prefix has at
+        the head of `[concepts] <sep> caption`, so training and generation give the decoder the same memory."""
+        no_caption = concept_ids.new_zeros((concept_ids.shape[0], 0))
+        return self.text(no_caption, no_caption, concept_ids, concept_mask)
+
     def _memory(self, images, concept_ids, concept_mask):
         """Decoder memory for generation. T_e runs even without concepts (on an empty prefix) so every rank
         calls it once whatever its batch holds."""
         batch = images.shape[0]
         if concept_ids is None:
             concept_ids = torch.full((batch, 1), self.special["pad_id"], dtype=torch.long, device=images.device)
-        no_caption = concept_ids.new_zeros((batch, 0))
-        txt = self.text(no_caption, no_caption, concept_ids, concept_mask)
+        txt = self._concept_features(concept_ids, concept_mask)
         return self.decoder.memory(self.vision(images).tokens, txt.concept_features, txt.concept_mask)
 
     @torch.no_grad()

@@ -5,8 +5,9 @@ op with this rank's omega -> L_NITC and per-sample l -> caption loss weighted by
 optional MAE loss -> L = L_NITC + alpha L_LM + beta L_IR.
 
 The per-sample l handed to the noise estimator is always that of the pair as the data gave it: the original
-caption with no concept prefix. Before concepts are on, that is the trained pair's own l. Once the batch
-carries a concept prefix (retrieved from the image) or synthetic captions, it is recomputed without either.
+caption with no concept prefix. By default the trained text embedding reads the caption alone (the prefix
+goes to the caption decoder), so that is the trained pair's own l until synthetic captions start; from then
+on (or when model.text.prefix_in_embedding lets the embedding read the prefix) it is recomputed.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class NLIPTask(nn.Module):
         self.label_smoothing = cfg.model.decoder.label_smoothing
         self.nitc_mode = cfg.noise.nitc_mode
         self.penalty_mu = cfg.noise.penalty_mu
+        self.prefix_in_embedding = cfg.model.text.prefix_in_embedding
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return self.model.param_groups(weight_decay)
@@ -55,11 +57,17 @@ class NLIPTask(nn.Module):
             terms["mae_loss"] = out["mae_loss"].mean()
             total = total + self.beta * terms["mae_loss"]
         terms["loss"] = total
-        if "concept_ids" in batch:  # concepts or synthetic captions: the estimator sees the data's own pair
+        if self._trained_pair_differs(batch):  # the estimator sees the data's own pair
             per_sample = self._estimator_loss(batch, img, img_all, out["logit_scale"], row_offset)
         terms["per_sample_loss"] = per_sample.detach()
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
+
+    def _trained_pair_differs(self, batch: dict) -> bool:
+        """Whether the trained text embedding is not that of the original caption alone: some captions may be
+        synthetic (from completion.start_epoch on: "caption_changed" is in every rank's batch), or the
+        embedding reads the concept prefix. The same answer on every rank at every step (lockstep)."""
+        return "caption_changed" in batch or ("concept_ids" in batch and self.prefix_in_embedding)
 
     @torch.no_grad()
     def _estimator_loss(self, batch: dict, img, img_all, logit_scale, row_offset: int) -> torch.Tensor:
