@@ -45,8 +45,7 @@ with torch.no_grad():
     for key in ("image_features", "text_features", "caption_logits"):
         torch.testing.assert_close(out[key], expected[key])
     torch.testing.assert_close(engine.module.encode_image(batch["image"]), expected["image_features"])
-    text = engine.module.encode_text(batch["input_ids"], batch["attention_mask"], batch["concept_ids"],
-                                     batch["concept_mask"])
+    text = engine.module.encode_text(batch["input_ids"], batch["attention_mask"])  # the embedding: caption alone
     torch.testing.assert_close(text, expected["text_features"])
     for strategy in ("greedy", "beam"):
         captions = engine.module.generate(batch["image"], batch["concept_ids"], strategy=strategy, max_tokens=6)
