@@ -39,6 +39,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--concepts", help="concept vocabulary, one name per line (default: the shipped generic one)")
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--top-k", type=int, default=5, help="concepts per image (default 5)")
+    # generation.STRATEGIES, spelled out: importing nlip_ds.model here would load timm and transformers on
+    # every `nlip-ds` call just to build the parser
     p.add_argument("--strategy", choices=("nucleus", "greedy", "beam"), default="nucleus",
                    help="decoding: nucleus sampling (default, as noise-completion samples), greedy or beam")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")

@@ -30,6 +30,7 @@ class NLIPTask(nn.Module):
         self.beta = cfg.model.mae.loss_weight if cfg.model.mae.enabled else 0.0
         self.label_smoothing = cfg.model.decoder.label_smoothing
         self.nitc_mode = cfg.noise.nitc_mode
+        self.fused_form = self.nitc_mode if self.nitc_mode in FORMS else None  # penalty: CLIP plus its own term
         self.penalty_mu = cfg.noise.penalty_mu
         self.prefix_in_embedding = cfg.model.text.prefix_in_embedding
 
@@ -44,9 +45,12 @@ class NLIPTask(nn.Module):
         img, txt = out["image_features"], out["text_features"]  # (n, D) each, L2-normalized
         img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)  # (N, D): every rank's n rows
         row_offset = get_rank() * img.shape[0]
-        form = self.nitc_mode if self.nitc_mode in FORMS else None  # penalty: plain CLIP plus its own term
-        contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"], row_offset,
-                                                         omega if form else None, form or "soft_target")
+        if self.fused_form:
+            contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"],
+                                                             row_offset, omega, self.fused_form)
+        else:
+            contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"],
+                                                             row_offset)
         if self.nitc_mode == "penalty":
             contrastive = contrastive + penalty_term(img, txt, omega, self.penalty_mu)
         caption, _ = caption_loss(out["caption_logits"], out["caption_labels"], clean_prob,
@@ -76,7 +80,7 @@ class NLIPTask(nn.Module):
         image, so with it an incorrect caption borrows its image's concepts and looks clean (docs/completion.md:
         the detection AUC fell from 0.96 to about 0.75 when the estimator saw the prefixed loss), and a replaced
         caption says nothing about the original pair. One no-grad T_e forward on every rank (lockstep under
-        ZeRO-3: every rank's batch has a prefix from the same epoch on) and one all-gather of (n, D)."""
+        ZeRO-3: `_trained_pair_differs` answers alike on every rank) and one all-gather of (n, D)."""
         input_ids = batch.get("orig_input_ids", batch["input_ids"])
         attention_mask = batch.get("orig_attention_mask", batch["attention_mask"])
         txt = self.model.encode_text(input_ids, attention_mask)  # (n, D)
