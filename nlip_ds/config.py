@@ -6,7 +6,6 @@ names the full dotted key, the bad value and what is allowed. Nothing else in nl
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import types
 import typing
@@ -21,9 +20,11 @@ class ConfigError(ValueError):
     """A config file or override that is refused before any work starts."""
 
 
-def opt(default, doc: str, *, choices=None, lo=None, hi=None, factory=False):
-    """A config field: its default, one line of documentation and its allowed values or range."""
-    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi}
+def opt(default, doc: str, *, choices=None, lo=None, hi=None, factory=False, shape=False):
+    """A config field: its default, one line of documentation and its allowed values or range. `shape=True`
+    marks a field that fixes the architecture (a parameter's shape, or how weights are split, as heads): a
+    checkpoint saved with another value cannot be resumed."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "shape": shape}
     if factory:
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,13 +33,13 @@ def opt(default, doc: str, *, choices=None, lo=None, hi=None, factory=False):
 @dataclass
 class VisionConfig:
     name: str = opt("vit_custom", "timm model name (e.g. vit_base_patch32_224), or vit_custom to build a "
-                    "timm VisionTransformer from the fields below")
-    image_size: int = opt(32, "input resolution in pixels", lo=8, hi=1024)
-    patch_size: int = opt(8, "patch size in pixels (image_size must be a multiple)", lo=1, hi=64)
-    width: int = opt(64, "transformer width", lo=8)
-    depth: int = opt(2, "number of transformer blocks", lo=1)
-    heads: int = opt(2, "attention heads (must divide width)", lo=1)
-    mlp_ratio: float = opt(4.0, "MLP hidden size over width", lo=0.5, hi=16.0)
+                    "timm VisionTransformer from the fields below", shape=True)
+    image_size: int = opt(32, "input resolution in pixels", lo=8, hi=1024, shape=True)
+    patch_size: int = opt(8, "patch size in pixels (image_size must be a multiple)", lo=1, hi=64, shape=True)
+    width: int = opt(64, "transformer width", lo=8, shape=True)
+    depth: int = opt(2, "number of transformer blocks", lo=1, shape=True)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1, shape=True)
+    mlp_ratio: float = opt(4.0, "MLP hidden size over width", lo=0.5, hi=16.0, shape=True)
     mask_ratio: float = opt(0.0, "fraction of patches dropped before the blocks in training (0 disables)",
                             lo=0.0, hi=0.95)
     pretrained_path: Optional[str] = opt(None, "local timm weights (.safetensors or .pth, loaded weights-only)")
@@ -46,10 +47,10 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    width: int = opt(64, "transformer width", lo=8)
-    depth: int = opt(2, "number of transformer layers", lo=1)
-    heads: int = opt(2, "attention heads (must divide width)", lo=1)
-    context_length: int = opt(32, "maximum tokens of `[concepts] <sep> caption`", lo=4, hi=1024)
+    width: int = opt(64, "transformer width", lo=8, shape=True)
+    depth: int = opt(2, "number of transformer layers", lo=1, shape=True)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1, shape=True)
+    context_length: int = opt(32, "maximum tokens of `[concepts] <sep> caption`", lo=4, hi=1024, shape=True)
     concept_dropout: float = opt(0.5, "probability of dropping the whole concept prefix in training",
                                  lo=0.0, hi=1.0)
     prefix_in_embedding: bool = opt(False, "let the contrastive text embedding read the concept prefix too "
@@ -60,10 +61,10 @@ class TextConfig:
 
 @dataclass
 class DecoderConfig:
-    width: int = opt(64, "transformer width", lo=8)
-    depth: int = opt(2, "number of decoder layers", lo=1)
-    heads: int = opt(2, "attention heads (must divide width)", lo=1)
-    max_length: int = opt(32, "maximum caption tokens", lo=4, hi=1024)
+    width: int = opt(64, "transformer width", lo=8, shape=True)
+    depth: int = opt(2, "number of decoder layers", lo=1, shape=True)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1, shape=True)
+    max_length: int = opt(32, "maximum caption tokens", lo=4, hi=1024, shape=True)
     label_smoothing: float = opt(0.1, "label smoothing of the caption cross-entropy", lo=0.0, hi=0.5)
     dropout: float = opt(0.1, "dropout in the decoder's attention and MLP (BERT/BLIP default)", lo=0.0, hi=0.9)
     loss_weight: float = opt(1.0, "alpha: weight of the caption loss L_LM in the total", lo=0.0)
@@ -71,10 +72,10 @@ class DecoderConfig:
 
 @dataclass
 class MAEConfig:
-    enabled: bool = opt(False, "train the MAE decoder V_d (needs model.vision.mask_ratio > 0)")
-    width: int = opt(64, "decoder width", lo=8)
-    depth: int = opt(1, "decoder blocks", lo=1)
-    heads: int = opt(2, "attention heads (must divide width)", lo=1)
+    enabled: bool = opt(False, "train the MAE decoder V_d (needs model.vision.mask_ratio > 0)", shape=True)
+    width: int = opt(64, "decoder width", lo=8, shape=True)
+    depth: int = opt(1, "decoder blocks", lo=1, shape=True)
+    heads: int = opt(2, "attention heads (must divide width)", lo=1, shape=True)
     loss_weight: float = opt(1.0, "beta: weight of the reconstruction loss L_IR in the total", lo=0.0)
 
 
@@ -84,7 +85,7 @@ class ModelConfig:
     text: TextConfig = opt(TextConfig, "text encoder T_e", factory=True)
     decoder: DecoderConfig = opt(DecoderConfig, "concept-conditioned caption decoder C_d", factory=True)
     mae: MAEConfig = opt(MAEConfig, "masked-patch decoder V_d", factory=True)
-    embed_dim: int = opt(64, "shared embedding size of the projections", lo=8)
+    embed_dim: int = opt(64, "shared embedding size of the projections", lo=8, shape=True)
     logit_scale_init: float = opt(1 / 0.07, "initial logit scale 1/tau", lo=1.0, hi=100.0)
     logit_scale_max: float = opt(100.0, "clamp of the logit scale", lo=1.0)
 
@@ -378,19 +379,6 @@ def git_sha(repo: Optional[Path] = None) -> str:
         return "unknown"
 
 
-def write_resolved(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the resolved config and the git SHA into the run folder (config.yaml, run.json)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(out)
-    meta = run_dir / "run.json"
-    meta.write_text(json.dumps({"git_sha": git_sha()}, indent=2) + "\n")
-    return out
-
-
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, doc) for every leaf field: the source of `nlip-ds config --help-keys`."""
     rows = []
@@ -402,3 +390,15 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
     return rows
+
+
+def shape_keys(cls=Config, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of the fields declared with opt(..., shape=True): the resume check refuses a change there."""
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= shape_keys(hints[f.name], prefix + f.name + ".")
+        elif f.metadata.get("shape"):
+            keys.add(prefix + f.name)
+    return frozenset(keys)

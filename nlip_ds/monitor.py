@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
+from nlip_ds.run.layout import RunFolder
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,13 +39,13 @@ class MetricSink:
         self._jsonl = None
         if not enabled:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        run = RunFolder(run_dir)
+        run.root.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run.metrics, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard" / "nlip"))
+            self.writer = SummaryWriter(log_dir=str(run.tensorboard_nlip))
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
@@ -73,7 +75,7 @@ class MetricSink:
             self._jsonl.close()
 
 
-class Progress:
+class ProgressLine:
     """A one-line progress report on rank 0: epoch, step, samples/s and ETA (tqdm when on a terminal)."""
 
     def __init__(self, total_steps: int, samples_per_step: int, *, enabled: bool, start_step: int = 0):

@@ -25,6 +25,9 @@ import pytest
 import torch
 
 from nlip_ds.config import load_config, to_dict
+from nlip_ds.run import checkpoint as C
+from nlip_ds.run.layout import STEP_TAG
+from nlip_ds.train import checkpoint as T
 from nlip_ds.train import engine as E
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,13 +67,13 @@ def _cfg(run: Path, *overrides: str):
 
 def _save(cfg, tag: str, weight: float) -> Path:
     shared = {"step": int(tag[4:]), "epoch": 0, "config": to_dict(cfg), "git_sha": "test"}
-    return E.save_checkpoint(FakeEngine(weight), cfg, tag, shared, {"weight": weight})
+    return T.save_checkpoint(FakeEngine(weight), cfg, tag, shared, {"weight": weight})
 
 
 def _latest_weight(root: Path) -> float:
     """The weight of the checkpoint `latest` names, after checking every file of it."""
-    name = E.read_latest(root)
-    E.verify_checkpoint(root / name)
+    name = C.read_latest(root)
+    C.verify_checkpoint(root / name)
     return torch.load(root / name / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=True)["w"][0].item()
 
 
@@ -107,12 +110,12 @@ def test_save_interrupted_before_any_rename_or_removal_keeps_latest_complete(tmp
             finished = False
         finally:
             monkeypatch.undo()
-        root = E.checkpoint_dir(cfg)
+        root = C.checkpoint_dir(cfg)
         assert _latest_weight(root) in (1.0, 2.0), f"interrupted before operation {n} ({calls[-1]})"
         if not finished:
             continue
         assert _latest_weight(root) == 2.0
-        assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [E.read_latest(root)] == [
+        assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [C.read_latest(root)] == [
             "step1" if same_tag else "step2"], "leftovers of the save or of the previous checkpoint"
         break
     assert n >= 5, f"the save made only {n - 1} renames/removals: the test hooks the wrong functions"
@@ -121,13 +124,13 @@ def test_save_interrupted_before_any_rename_or_removal_keeps_latest_complete(tmp
 def test_interrupted_saves_leave_nothing_behind_after_the_next_save(tmp_path):
     cfg = _cfg(tmp_path / "run", "train.keep_last=2")
     _save(cfg, "step1", 1.0)
-    root = E.checkpoint_dir(cfg)
+    root = C.checkpoint_dir(cfg)
     (root / "step2.0badc0de.partial").mkdir()  # a save killed while writing
     (root / "step1.deadbeef.old").mkdir()  # a removal killed half way
     _save(cfg, "step2", 2.0)
     _save(cfg, "step3", 3.0)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step2", "step3"]
-    assert E.read_latest(root) == "step3"
+    assert C.read_latest(root) == "step3"
 
 
 def test_damaged_checkpoint_is_refused_naming_the_file_and_an_earlier_one(tmp_path):
@@ -136,15 +139,15 @@ def test_damaged_checkpoint_is_refused_naming_the_file_and_an_earlier_one(tmp_pa
     folder = _save(cfg, "step2", 2.0)
     shard = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:10])
-    with pytest.raises(E.CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt has 10 bytes") as err:
-        E.verify_checkpoint(folder)
+    with pytest.raises(C.CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt has 10 bytes") as err:
+        C.verify_checkpoint(folder)
     assert f"train.resume={folder.parent / 'step1'}" in str(err.value)
     shard.unlink()
-    with pytest.raises(E.CheckpointError, match="optim_states.pt is missing"):
-        E.verify_checkpoint(folder)
-    (folder / E.MANIFEST).unlink()
-    with pytest.raises(E.CheckpointError, match="has no manifest.json: its save did not finish"):
-        E.verify_checkpoint(folder)
+    with pytest.raises(C.CheckpointError, match="optim_states.pt is missing"):
+        C.verify_checkpoint(folder)
+    (folder / C.MANIFEST).unlink()
+    with pytest.raises(C.CheckpointError, match="has no manifest.json: its save did not finish"):
+        C.verify_checkpoint(folder)
 
 
 def test_save_refuses_to_commit_when_a_rank_file_is_missing(tmp_path):
@@ -155,9 +158,9 @@ def test_save_refuses_to_commit_when_a_rank_file_is_missing(tmp_path):
 
     cfg = _cfg(tmp_path / "run")
     _save(cfg, "step1", 1.0)
-    with pytest.raises(E.CheckpointError, match=r"step2 was not committed: .* lacks \*zero_pp_rank_0_\*optim"):
-        E.save_checkpoint(LosesOptimizerShard(), cfg, "step2", {"step": 2, "config": to_dict(cfg)}, {})
-    assert E.read_latest(E.checkpoint_dir(cfg)) == "step1"
+    with pytest.raises(C.CheckpointError, match=r"step2 was not committed: .* lacks \*zero_pp_rank_0_\*optim"):
+        T.save_checkpoint(LosesOptimizerShard(), cfg, "step2", {"step": 2, "config": to_dict(cfg)}, {})
+    assert C.read_latest(C.checkpoint_dir(cfg)) == "step1"
 
 
 def _manifest(cfg, world_size=2, shapes=None) -> dict:
@@ -167,8 +170,8 @@ def _manifest(cfg, world_size=2, shapes=None) -> dict:
 
 def test_changed_model_shape_is_refused_with_the_key_and_both_values(tmp_path):
     saved, now = _cfg(tmp_path), _cfg(tmp_path, "model.embed_dim=32", "model.text.depth=3")
-    with pytest.raises(E.CheckpointError) as err:
-        E.check_compatible(_manifest(saved), to_dict(now), {"w": [64, 64]}, 2, 3)
+    with pytest.raises(C.CheckpointError) as err:
+        C.check_compatible(_manifest(saved), to_dict(now), {"w": [64, 64]}, 2, 3)
     assert "model.embed_dim: 64 -> 32" in str(err.value) and "model.text.depth: 2 -> 3" in str(err.value)
 
 
@@ -176,19 +179,19 @@ def test_changed_lr_and_schedule_are_allowed_and_listed(tmp_path):
     saved = _cfg(tmp_path)
     now = _cfg(tmp_path, "optim.lr=0.002", "optim.schedule=constant", "model.decoder.dropout=0.0",
                "train.resume=latest")
-    allowed = E.check_compatible(_manifest(saved), to_dict(now), {"w": [64, 64]}, 2, 3)
+    allowed = C.check_compatible(_manifest(saved), to_dict(now), {"w": [64, 64]}, 2, 3)
     assert allowed == {"optim.lr": (0.001, 0.002), "optim.schedule": ("cosine", "constant"),
                        "model.decoder.dropout": (0.1, 0.0)}
 
 
 def test_world_size_zero_stage_and_parameter_shapes_are_checked(tmp_path):
     cfg = to_dict(_cfg(tmp_path))
-    with pytest.raises(E.CheckpointError, match="world size: 2 -> 4"):
-        E.check_compatible(_manifest(_cfg(tmp_path)), cfg, {"w": [64, 64]}, 4, 3)
-    with pytest.raises(E.CheckpointError, match="ZeRO stage: 3 -> 2"):
-        E.check_compatible(_manifest(_cfg(tmp_path)), cfg, {"w": [64, 64]}, 2, 2)
-    with pytest.raises(E.CheckpointError, match=r"parameter w: \[64, 64\] -> \[64, 80\]; parameter x: absent"):
-        E.check_compatible(_manifest(_cfg(tmp_path)), cfg, {"w": [64, 80], "x": [1]}, 2, 3)
+    with pytest.raises(C.CheckpointError, match="world size: 2 -> 4"):
+        C.check_compatible(_manifest(_cfg(tmp_path)), cfg, {"w": [64, 64]}, 4, 3)
+    with pytest.raises(C.CheckpointError, match="ZeRO stage: 3 -> 2"):
+        C.check_compatible(_manifest(_cfg(tmp_path)), cfg, {"w": [64, 64]}, 2, 2)
+    with pytest.raises(C.CheckpointError, match=r"parameter w: \[64, 64\] -> \[64, 80\]; parameter x: absent"):
+        C.check_compatible(_manifest(_cfg(tmp_path)), cfg, {"w": [64, 80], "x": [1]}, 2, 3)
 
 
 # ------------------------------------------------------- slow: real saving processes killed with SIGKILL
@@ -269,18 +272,18 @@ def _child(args: dict) -> None:
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("nlip_ds.train.engine").addHandler(handler)
+    logging.getLogger("nlip_ds.run.checkpoint").addHandler(handler)
     E.init_distributed(cfg)
     torch.manual_seed(0)
     model = Tiny(cfg.model.embed_dim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr),
                                       config=E.build_ds_config(cfg, 1))
     report, step, generation = {}, 0, 0
-    found = E.resolve_resume(cfg)
+    found = C.resolve_resume(cfg)
     if found:
         try:
-            shared, mine = E.load_checkpoint(engine, cfg, *found)
-        except E.CheckpointError as exc:
+            shared, mine = T.load_checkpoint(engine, cfg, *found)
+        except C.CheckpointError as exc:
             report["error"] = str(exc)
         else:
             step, generation = shared["step"], mine["generation"]
@@ -295,7 +298,7 @@ def _child(args: dict) -> None:
         step, generation = step + (kind == "new"), generation + 1
         shared = {"step": step, "epoch": 0, "config": to_dict(cfg), "git_sha": "test", "checksum": _checksum(engine)}
         _kill_during_save(kill_at if i == kill_save else 0, Path(f"{args['events']}.{i}"))
-        E.save_checkpoint(engine, cfg, f"step{step}", shared, {"generation": generation})
+        T.save_checkpoint(engine, cfg, f"step{step}", shared, {"generation": generation})
         torch.save, shutil.rmtree, os.replace, os.rename = REAL_IO
         report["committed"] = {"step": step, "generation": generation}
         Path(args["report"]).write_text(json.dumps(report))
@@ -321,8 +324,8 @@ def _spawn(tmp: Path, run: Path, **args) -> tuple[int, dict, list[list[str]]]:
 
 def _state(root: Path) -> dict:
     """What `latest` names, checked file by file; the generation (count of saves) that wrote it."""
-    name = E.read_latest(root)
-    manifest = E.verify_checkpoint(root / name)
+    name = C.read_latest(root)
+    manifest = C.verify_checkpoint(root / name)
     rank_state = torch.load(root / name / "rank_state_00000.pt", weights_only=True)
     return {"name": name, "step": manifest["step"], "generation": rank_state["generation"]}
 
@@ -399,7 +402,7 @@ def test_the_next_save_removes_what_killed_saves_left(killed_saves):
     tmp, run = killed_saves["tmp"], killed_saves["run"]
     assert _spawn(tmp, run, saves=["new"])[0] == 0
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    assert folders == [E.read_latest(root)], f"keep_last=1 should leave only the latest checkpoint: {folders}"
+    assert folders == [C.read_latest(root)], f"keep_last=1 should leave only the latest checkpoint: {folders}"
 
 
 # -------------------------------------------------- slow + dist: kill -9 a 2-rank run, resume, compare
@@ -448,9 +451,9 @@ def _kill_between_checkpoints(proc: subprocess.Popen, run: Path) -> tuple[int, i
     root = run / "checkpoints"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        name = E.read_latest(root) if root.is_dir() else None
+        name = C.read_latest(root) if root.is_dir() else None
         logged = max(_losses(run), default=0) if (run / "metrics.jsonl").is_file() else 0
-        saved = int(E.STEP_TAG.match(name).group(1)) if name else None
+        saved = int(STEP_TAG.match(name).group(1)) if name else None
         if saved is not None and logged > saved and logged % STEPS_PER_EPOCH:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -462,7 +465,7 @@ def _kill_between_checkpoints(proc: subprocess.Popen, run: Path) -> tuple[int, i
 @pytest.mark.slow
 @pytest.mark.dist
 def test_kill9_mid_epoch_then_resume_latest_matches_uninterrupted_run(synth_dir, tmp_path):
-    from nlip_ds.train.export import load_run_model
+    from nlip_ds.run.model import load_run_model
 
     tok, full, killed = tmp_path / "tokenizer", tmp_path / "full", tmp_path / "killed"
     logs = [tmp_path / f"{name}.log" for name in ("full", "killed", "resumed")]

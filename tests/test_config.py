@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from nlip_ds.config import ConfigError, describe, from_dict, load_config, to_dict, write_resolved
+from nlip_ds.config import ConfigError, describe, from_dict, load_config, to_dict
+from nlip_ds.run.layout import write_resolved
 
 
 @pytest.mark.parametrize("override, message", [

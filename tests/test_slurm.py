@@ -292,7 +292,8 @@ def test_finish_without_marker_keeps_the_training_status(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_records_signal_agrees_and_exits_with_marker(tmp_path, sig):
-    from nlip_ds.train.preempt import MARKER, Preemption
+    from nlip_ds.run.layout import RunFolder
+    from nlip_ds.train.preempt import Preemption
 
     before = signal.getsignal(sig)
     with Preemption() as preempt:
@@ -302,5 +303,7 @@ def test_preemption_records_signal_agrees_and_exits_with_marker(tmp_path, sig):
         with pytest.raises(SystemExit) as exit_info:
             preempt.exit(str(tmp_path), 12, "step12")
     assert exit_info.value.code == 0
-    assert json.loads((tmp_path / MARKER).read_text()) == {"signal": sig.name, "step": 12, "checkpoint": "step12"}
+    marker = RunFolder(tmp_path).preempted
+    assert json.loads(marker.read_text()) == {"signal": sig.name, "step": 12, "checkpoint": "step12"}
     assert signal.getsignal(sig) is before  # the previous handler is back
+    assert RunFolder(tmp_path).preempted.name == _job_module().PREEMPT_MARKER  # slurm/job.py reads that file

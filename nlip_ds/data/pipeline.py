@@ -354,7 +354,7 @@ class WorkerStreams(IterableDataset):
 
 
 @dataclass
-class Progress:
+class EpochPosition:
     """The loader's position in an epoch: what `state_dict()` saves."""
 
     epoch: int
@@ -401,7 +401,7 @@ _END = object()
 class RoundRobinMerge:
     """Takes samples from the workers' chunks in a fixed order: worker rr, rr+1, ... skipping finished ones."""
 
-    def __init__(self, chunks: Iterator[dict], progress: Progress):
+    def __init__(self, chunks: Iterator[dict], progress: EpochPosition):
         self.chunks, self.progress = chunks, progress
         self.queues = [deque() for _ in range(progress.streams)]
 
@@ -445,8 +445,8 @@ class Loader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
         self.epoch = 0
-        self._progress: Optional[Progress] = None
-        self._resume: Optional[Progress] = None
+        self._progress: Optional[EpochPosition] = None
+        self._resume: Optional[EpochPosition] = None
         self._past_skipped: Counter = Counter()  # skips of the passes before the current one (stats, state)
 
     # -- epoch and size
@@ -477,7 +477,7 @@ class Loader:
         plan = self.plan()
         if self._resume is None and self._progress is not None:
             self._past_skipped.update(self._progress.skipped)
-        progress = self._resume or Progress(self.epoch, self.spec.streams)
+        progress = self._resume or EpochPosition(self.epoch, self.spec.streams)
         self._resume, self._progress = None, progress
         chunks = self._chunks(WorkerStreams(self.spec, plan, self.epoch, progress.starts()))
         merge, extra = RoundRobinMerge(chunks, progress), None
@@ -514,7 +514,7 @@ class Loader:
         finally:
             del iterator  # shuts the worker processes down, also when the epoch is abandoned
 
-    def _extra_pads(self, plan: EpochPlan, progress: Progress) -> Iterator[tuple[dict, int]]:
+    def _extra_pads(self, plan: EpochPlan, progress: EpochPosition) -> Iterator[tuple[dict, int]]:
         """Pads for samples lost to corruption: the good samples of the rank's list (worker 0's shards), read in
         the main process in passes over those shards until the epoch is full. Every pass reads the same samples
         (eval transform), so those consumed before a checkpoint are skipped on resume by count; they are rare."""
@@ -538,7 +538,7 @@ class Loader:
                 raise RuntimeError(f"{self.spec.split}: rank {self.spec.rank} found no readable sample in its "
                                    f"shards to fill epoch {self.epoch}")
 
-    def _check_skip_rate(self, progress: Progress, final: bool) -> None:
+    def _check_skip_rate(self, progress: EpochPosition, final: bool) -> None:
         """Stop when the skipped share of the samples seen this epoch passes data.max_skip_rate: at the end of
         the epoch, and after every batch once SKIP_CHECK_MIN_SEEN samples were seen (fewer are too noisy)."""
         skipped = sum(progress.skipped.values())
@@ -563,7 +563,7 @@ class Loader:
 
     def state_dict(self) -> dict:
         """The position: epoch, batches consumed, and how far each worker's stream was consumed."""
-        progress = self._resume or self._progress or Progress(self.epoch, self.spec.streams)
+        progress = self._resume or self._progress or EpochPosition(self.epoch, self.spec.streams)
         return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), **progress.as_dict(),
                 "skipped_before": dict(self._past_skipped)}
 
@@ -578,7 +578,7 @@ class Loader:
                              ", ".join(f"{k} {now!r} vs {saved!r}" for k, (now, saved) in mismatch.items()))
         fields = {k: state[k] for k in ("batches", "samples", "pads", "extra_pads", "rr", "pos", "delivered",
                                         "ended", "skipped")}
-        self._resume, self._progress = Progress(state["epoch"], self.spec.streams, **fields), None
+        self._resume, self._progress = EpochPosition(state["epoch"], self.spec.streams, **fields), None
         self._past_skipped = Counter(state.get("skipped_before", {}))  # absent in states of older versions
         self.epoch = state["epoch"]
 
@@ -587,7 +587,7 @@ class Loader:
         samples lost to corruption) and `skipped` items by reason (all workers together). `skipped_total`: the
         same over every pass of this loader so far (all epochs, also those before a resume), for
         `data/skipped/<reason>` curves. Sum over ranks for the whole run."""
-        p = self._progress or self._resume or Progress(self.epoch, self.spec.streams)
+        p = self._progress or self._resume or EpochPosition(self.epoch, self.spec.streams)
         total = self._past_skipped + p.skipped
         return {"epoch": p.epoch, "batches": p.batches, "samples": p.samples, "pad_samples": p.pads,
                 "extra_pads": p.extra_pads, "skipped": dict(sorted(p.skipped.items())),

@@ -37,7 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
 NOISE_TYPES = ("clean", "incorrect", "incomplete")
 
-Progress = Optional[Callable[[int], None]]
+ProgressCallback = Optional[Callable[[int], None]]
 
 
 def sample_key(sample_id: int) -> str:
@@ -341,7 +341,7 @@ class ConvertOptions:
 
 def convert_jsonl(jsonl, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, report: Optional[str] = None, *,
                   split: str = "train", start_id: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  overwrite: bool = False, progress: Progress = None) -> dict:
+                  overwrite: bool = False, progress: ProgressCallback = None) -> dict:
     """Convert `{"image": path, "caption": text}` lines into shards under `<out_dir>/<split>/`.
 
     The sample id is `start_id` + the 0-based line number, so ids stay put when a broken line is fixed.
@@ -374,7 +374,7 @@ def _jsonl_sample(raw: bytes, base: Path):
 
 def convert_image_folder(folder, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, report: Optional[str] = None, *,
                          split: str = "train", start_id: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                         overwrite: bool = False, progress: Progress = None) -> dict:
+                         overwrite: bool = False, progress: ProgressCallback = None) -> dict:
     """Convert every image under `folder` (recursively, sorted) with a `<stem>.txt` caption beside it.
 
     The sample id is `start_id` + the image's rank in sorted order of relative paths.
@@ -400,7 +400,7 @@ def _folder_sample(image: Path, folder: Path):
     return str(image.relative_to(folder)), load_image(image), check_caption(caption)
 
 
-def _convert(items, input_name: str, out_dir: Path, opts: ConvertOptions, progress: Progress) -> dict:
+def _convert(items, input_name: str, out_dir: Path, opts: ConvertOptions, progress: ProgressCallback) -> dict:
     report = Report(input=input_name, split=opts.split)
     target = report_path(out_dir, opts.report, opts.split)  # refused before any work if outside out_dir
     split_dir = prepare_split_dir(out_dir, opts.split, opts.overwrite)

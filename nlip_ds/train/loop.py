@@ -11,21 +11,22 @@ import json
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 from nlip_ds import distributed as D
 from nlip_ds.completion.completer import Completer
-from nlip_ds.config import Config, ConfigError, git_sha, to_dict, write_resolved
-from nlip_ds.monitor import MetricSink, Progress, setup_logging
+from nlip_ds.config import Config
+from nlip_ds.monitor import MetricSink, ProgressLine, setup_logging
 from nlip_ds.noise.bank import UNKNOWN
+from nlip_ds.run.layout import RunFolder, check_run_folder, step_tag, write_resolved
 from nlip_ds.train import engine as E
 from nlip_ds.train.build import build_loaders, build_model, build_tokenizer
+from nlip_ds.train.checkpoint import resume, save
 from nlip_ds.train.nonfinite import NonFiniteGuard
 from nlip_ds.train.preempt import Preemption
 from nlip_ds.train.refit import refit
-from nlip_ds.train.state import RunState, capture_rng, restore_rng
+from nlip_ds.train.state import RunState
 from nlip_ds.train.task import NLIPTask
 
 logger = logging.getLogger(__name__)
@@ -66,22 +67,10 @@ def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
     return write_summary(cfg, state, results, topo)
 
 
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
-
-
-def check_run_folder(cfg: Config) -> None:
-    """Refuse an output folder that holds another run unless this run resumes (train.resume)."""
-    out = Path(cfg.train.output_dir)
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not cfg.train.resume:
-        raise ConfigError(f"train.output_dir: {out} holds a previous run ({', '.join(found)}); continue it with "
-                          "train.resume=latest, or choose another train.output_dir")
-
-
 def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, topo: D.Topology) -> None:
     total = loader.num_batches * cfg.train.epochs
     batch = cfg.train.micro_batch_size * topo.world_size
-    progress = Progress(total, batch, enabled=topo.is_main and cfg.monitor.progress, start_step=state.step)
+    progress = ProgressLine(total, batch, enabled=topo.is_main and cfg.monitor.progress, start_step=state.step)
     acc = MetricAccumulator()
     guard = NonFiniteGuard(cfg, engine.device)
     with Preemption() as preempt:
@@ -95,7 +84,7 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
                     log_step(engine, state, acc, sink, progress, loader)
                     if preempt.agreed(engine.device):  # SIGTERM/SIGUSR1 on any rank: checkpoint, exit
                         save(engine, cfg, state, loader)
-                        preempt.exit(cfg.train.output_dir, state.step, f"step{state.step}")
+                        preempt.exit(cfg.train.output_dir, state.step, step_tag(state.step))
                 if should_refit_in_epoch(cfg, state):
                     refit(cfg, state, sink)
                 if reached_max_steps(engine, cfg):
@@ -152,7 +141,7 @@ def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAc
 
 def stop_nonfinite(engine, cfg: Config, state: RunState, loader, guard: NonFiniteGuard) -> None:
     """Checkpoint and stop: skipped steps changed neither model nor optimizer, so this is the last good state."""
-    message = guard.stop_message(state, str(E.checkpoint_dir(cfg) / f"step{state.step}"))
+    message = guard.stop_message(state, str(RunFolder.of(cfg).checkpoint(state.step)))
     state.nonfinite_streak = 0  # a resumed run counts afresh
     save(engine, cfg, state, loader)
     if D.get_rank() == 0:
@@ -207,7 +196,7 @@ class MetricAccumulator:
         return dict(zip(keys, means.tolist()))
 
 
-def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, progress: Progress,
+def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, progress: ProgressLine,
              loader) -> None:
     metrics = {f"train/{k}": v for k, v in acc.reduce().items()}
     metrics["train/lr"] = engine.get_lr()[0]
@@ -234,27 +223,6 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# ------------------------------------------------------------------------------------- checkpoints
-
-
-def save(engine, cfg: Config, state: RunState, loader) -> None:
-    tag = f"step{state.step}"
-    shared = state.shared_state(to_dict(cfg), git_sha())
-    path = E.save_checkpoint(engine, cfg, tag, shared, {"loader": loader.state_dict(), "rng": capture_rng()})
-    logger.info("checkpoint %s written", path)
-
-
-def resume(engine, cfg: Config, state: RunState, loader) -> None:
-    found = E.resolve_resume(cfg)
-    if found is None:
-        return
-    shared, mine = E.load_checkpoint(engine, cfg, *found)
-    state.load_shared_state(shared)
-    loader.load_state_dict(mine["loader"])
-    restore_rng(mine["rng"])
-    logger.info("resumed from %s/%s at epoch %d, step %d", found[0], found[1], state.epoch, state.step)
-
-
 # ------------------------------------------------------------------------------ evaluation, summary
 
 
@@ -275,8 +243,7 @@ def write_summary(cfg: Config, state: RunState, results: dict, topo: D.Topology)
     summary = {"steps": state.step, "epochs": state.epoch, "world_size": topo.world_size,
                "final_train": state.final_train, "noise": last, "eval": results}
     if topo.is_main:
-        out = Path(cfg.train.output_dir) / "summary.json"
-        out.write_text(json.dumps(summary, indent=2) + "\n")
+        RunFolder.of(cfg).summary.write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(summary, cfg)
     return summary
 
@@ -295,5 +262,5 @@ def print_summary(summary: dict, cfg: Config) -> None:
                          f"{noise['noise/precision']:.3f}  recall {noise['noise/recall']:.3f}")
     for k, v in summary["eval"].items():
         lines.append(f"eval {k:<10} {v:.4f}")
-    lines.append(f"TensorBoard     tensorboard --logdir {Path(cfg.train.output_dir) / 'tensorboard'}")
+    lines.append(f"TensorBoard     tensorboard --logdir {RunFolder.of(cfg).tensorboard}")
     print("\n".join(lines), flush=True)

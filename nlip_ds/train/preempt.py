@@ -5,8 +5,8 @@ on preemption, `scancel` and at the limit itself. The handler only records the s
 with one all_reduce of one integer, because a checkpoint is a collective: a rank that saw the signal cannot stop
 alone, and the signal reaches ranks at different steps. Between log steps nothing is synchronized.
 
-After the checkpoint rank 0 writes `<output_dir>/preempted.json`; the SLURM helper (slurm/job.py) requeues the
-job when it finds it, and the requeued job resumes with train.resume=latest.
+After the checkpoint rank 0 writes `<output_dir>/preempted.json` (RunFolder.preempted); the SLURM helper
+(slurm/job.py) requeues the job when it finds it, and the requeued job resumes with train.resume=latest.
 """
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ import json
 import logging
 import signal
 import threading
-from pathlib import Path
-
 from nlip_ds import distributed as D
+from nlip_ds.run.layout import RunFolder
 
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-MARKER = "preempted.json"
 
 
 class Preemption:
@@ -54,7 +52,7 @@ class Preemption:
         """After the checkpoint: leave the marker for the job script and end the process without an error."""
         name = signal.Signals(self.signum).name if self.signum else "another rank's signal"
         if D.get_rank() == 0:
-            marker = Path(output_dir) / MARKER
+            marker = RunFolder(output_dir).preempted
             marker.write_text(json.dumps({"signal": name, "step": step, "checkpoint": tag}) + "\n")
         logger.warning("preempted (%s): checkpoint %s written at step %d; exiting, resume with train.resume=latest",
                        name, tag, step)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-
 import torch
 
 from nlip_ds.config import Config
 from nlip_ds.monitor import MetricSink
 from nlip_ds.noise.gmm import fit_gmm
 from nlip_ds.noise.metrics import fit_summary
+from nlip_ds.run.layout import RunFolder
 from nlip_ds.train.state import RunState
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def _log_refit(cfg: Config, state: RunState, sink: MetricSink, fit, ids, losses,
 def _save_refit_data(cfg: Config, state: RunState, fit, ids, losses, flags) -> None:
     """RUN/noise/refit_e<epoch>_s<step>.pt: what this fit saw and decided, loadable with weights_only=True
     (benchmarks/noise_robustness.py draws its histograms and ROC curves from these)."""
-    out = Path(cfg.train.output_dir) / "noise" / f"refit_e{state.epoch:03d}_s{state.step:07d}.pt"
+    out = RunFolder.of(cfg).refit_data(state.epoch, state.step)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"epoch": state.epoch, "step": state.step, "fit": fit.state_dict(), "ids": ids.cpu(),
               "losses": losses.float().cpu(), "flags": flags.to(torch.int8).cpu(),
