@@ -1,6 +1,6 @@
 // Fused symmetric InfoNCE (CLIP / NLIP soft-target) loss: shared declarations of the device implementations.
 //
-// Notation (METHOD.md): one rank holds n local pairs, rows [row_offset, row_offset + n) of the N gathered ones.
+// Notation (docs/method.md): one rank holds n local pairs, rows [row_offset, row_offset + n) of the N gathered ones.
 // Direction i2t scores local images against all texts, t2i local texts against all images:
 //   A = scale * img_local txt_all^T (n, N),   B = scale * txt_local img_all^T (n, N),
 // and local row i has its positive in column g_i = row_offset + i. Neither matrix is ever stored whole: the

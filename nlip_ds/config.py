@@ -54,9 +54,9 @@ class TextConfig:
     concept_dropout: float = opt(0.5, "probability of dropping the whole concept prefix in training",
                                  lo=0.0, hi=1.0)
     prefix_in_embedding: bool = opt(False, "let the contrastive text embedding read the concept prefix too "
-                                    "(METHOD.md's T_e over [concepts] <sep> caption); off: the prefix reaches only "
-                                    "the caption decoder's memory, since the image-derived prefix lets a text match "
-                                    "its image without reading the caption (docs/results.md)")
+                                    "(the paper's T_e over [concepts] <sep> caption, docs/method.md); off: the prefix "
+                                    "reaches only the caption decoder's memory, since the image-derived prefix lets a "
+                                    "text match its image without reading the caption (docs/results.md)")
 
 
 @dataclass
@@ -146,8 +146,8 @@ class NoiseConfig:
     enabled: bool = opt(True, "estimate per-sample noise and use the noise-adaptive loss")
     warmup_epochs: int = opt(1, "E_w: epochs of plain CLIP loss before the first fit", lo=0)
     lambda_: float = opt(1.0, "omega = lambda * epsilon", lo=0.0, hi=1.0)
-    nitc_mode: str = opt("reweight", "form of L_NITC (METHOD.md, Losses): reweight trains each pair with weight "
-                         "1 - omega; soft_target (METHOD.md's default) also pulls likely-noisy pairs towards "
+    nitc_mode: str = opt("reweight", "form of L_NITC (docs/method.md): reweight trains each pair with weight "
+                         "1 - omega; soft_target (the paper-like form) also pulls likely-noisy pairs towards "
                          "uniform similarity, which cost accuracy at 50% noise (docs/results.md)",
                          choices=("soft_target", "reweight", "penalty"))
     penalty_mu: float = opt(1.0, "mu of the penalty form", lo=0.0)

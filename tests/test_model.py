@@ -350,7 +350,7 @@ def test_save_load_round_trip_is_exact_and_needs_no_deepspeed(tmp_path):
 
 
 def paper_config() -> ModelConfig:
-    """METHOD.md / configs/vit-b32-yfcc26m.yaml: ViT-B/32 at 224 px, CLIP-size text tower, 6-layer decoder."""
+    """docs/method.md / configs/vit-b32-yfcc26m.yaml: ViT-B/32 at 224 px, CLIP-size text tower, 6-layer decoder."""
     return ModelConfig(
         vision=VisionConfig(name="vit_base_patch32_224", image_size=224, patch_size=32, width=768, depth=12,
                             heads=12, mask_ratio=0.5),

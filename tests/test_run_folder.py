@@ -177,7 +177,7 @@ def test_shape_keys_are_exactly_the_model_keys_that_change_a_parameter_shape():
     assert "model.text.prefix_in_embedding" not in shape_keys()
 
 
-def test_a_changed_prefix_in_embedding_resumes_with_a_warning_and_a_changed_depth_is_refused(tmp_path):
+def test_a_changed_prefix_in_embedding_is_allowed_and_listed_and_a_changed_max_length_is_refused(tmp_path):
     from nlip_ds.config import to_dict
     from nlip_ds.run.checkpoint import CheckpointError, check_compatible
 

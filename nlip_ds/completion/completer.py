@@ -2,7 +2,7 @@
 
 `Completer.prepare` runs in every training step on every rank, before the engine's forward:
 
-1. From epoch min(noise.warmup_epochs, completion.start_epoch) on (stage 1 of METHOD.md's schedule), the batch
+1. From epoch min(noise.warmup_epochs, completion.start_epoch) on (stage 1 of docs/method.md's schedule), the batch
    gets the top-k concepts of its images as concept prefix (the model drops it with probability
    model.text.concept_dropout). The image embeddings for retrieval come from a no-grad, eval-mode
    `encode_image` of the batch: one extra V_e forward without backward (about a sixth of V_e's training cost)

@@ -9,7 +9,7 @@ millions of losses), and every rank must get the same ε bit for bit, whatever t
   so it rounds differently with a different number of threads;
 - starts from a deterministic initialization, never from random restarts.
 
-The estimator (METHOD.md, "Noise estimator"), step by step:
+The estimator (docs/method.md, "Noise estimator"), step by step:
 
 1. Non-finite losses are left out of the fit and counted (`GMMFit.n_dropped`); their posterior is the prior
    weight of the noisy component, i.e. "no evidence either way". An input with no finite loss raises ValueError.

@@ -7,7 +7,7 @@ query's device (the table is copied to that device once per fit), so the train s
 Ids never fitted, and every id before the first fit, get ε = 0: plain CLIP loss.
 
 The default `soft_target` form of L_NITC lives in the fused contrastive op (ops/contrastive.py), which takes ω.
-`penalty_term` is the `penalty` alternative (METHOD.md, "Losses"): L_ITC + μ·mean_i ω_i·s_ii.
+`penalty_term` is the `penalty` alternative (docs/method.md, "Losses"): L_ITC + μ·mean_i ω_i·s_ii.
 """
 from __future__ import annotations
 

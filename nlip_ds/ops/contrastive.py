@@ -1,11 +1,11 @@
 """Fused symmetric InfoNCE (CLIP) and the NLIP noise-adaptive contrastive losses.
 
-Three layers (STYLE.md 6): the kernels and their checking binding in kernels/ (loaded by .extension), the
+Three layers (docs/architecture.md): the kernels and their checking binding in kernels/ (loaded by .extension), the
 autograd rule `_FusedContrastive` here, and the public `fused_contrastive_loss`, which picks the compiled kernel
 for the features' device and falls back, with a one-time warning, to the materializing reference
 `fused_contrastive_loss_ref` beside it. `last_impl` records which one ran ("cpu", "cuda" or "reference").
 
-Semantics (METHOD.md): this rank's n pairs are rows [row_offset, row_offset + n) of the N gathered pairs.
+Semantics (docs/method.md, "Losses"): this rank's n pairs are rows [row_offset, row_offset + n) of the N gathered pairs.
     l_i  = 1/2 [ -log softmax_j(scale v_i . t_j)[g_i]  -  log softmax_j(scale t_i . v_j)[g_i] ],  g_i = row_offset + i
     loss = mean_i of  -1/2 sum_j q_ij [log p^i2t_ij + log p^t2i_ij]  with targets q (w = omega):
     soft_target  q_ij = (1 - w_i) [j = g_i] + w_i / (N - 1) [j != g_i]  (one-hot without omega or when N = 1)
@@ -180,7 +180,7 @@ def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, 
             tile product then serves both directions.
         logit_scale: one-element tensor, the multiplier of the cosines (1/tau); receives a gradient.
         omega: optional (n,) NLIP weights in [0, 1]; treated as a constant.
-        form: how omega enters the loss (module docstring): "soft_target" (the default, METHOD.md's L_NITC)
+        form: how omega enters the loss (module docstring): "soft_target" (the default, the paper-like form)
             moves a pair's target mass from its own caption to the others; "reweight" scales its loss by 1 - w.
 
     Returns:

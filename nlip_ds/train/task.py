@@ -1,6 +1,6 @@
 """The task module that DeepSpeed wraps: NLIPModel plus the NLIP losses, summed into one loss.
 
-One training step's data flow (DESIGN.md): local features -> differentiable all-gather -> fused contrastive
+One training step's data flow (docs/architecture.md): local features -> differentiable all-gather -> fused contrastive
 op with this rank's omega -> L_NITC and per-sample l -> caption loss weighted by the clean probability ->
 optional MAE loss -> L = L_NITC + alpha L_LM + beta L_IR.
 
