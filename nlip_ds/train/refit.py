@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import torch
 
 from nlip_ds.config import Config
