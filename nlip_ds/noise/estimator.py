@@ -1,7 +1,7 @@
 """`NoiseEstimator`: the whole noise side of a training run in one object (docs/noise.md).
 
 It owns the cluster-wide loss bank (bank.py), ε per sample id from the last fit (`NoiseState`, harmonize.py),
-the refit schedule, ω = λ·ε and the form of L_NITC (forms.py). The train loop talks to it at four points:
+the refit schedule, ω = λ·ε and the form of L_NITC (forms.py). The train loop and the task call it here:
 
     w = noise.weights(ids)                      # before the step: ε, ω = λ·ε, clean probability 1 - ε
     loss, l = noise.nitc_loss(..., w.omega)     # in the task's forward: L_NITC in the configured form

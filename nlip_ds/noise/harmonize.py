@@ -1,4 +1,4 @@
-"""Noise-harmonization weights: ε per sample id from the last fit (the estimator, estimator.py, makes ω = λ·ε).
+"""Noise-harmonization weights: ε per sample id from the last fit, which estimator.py turns into ω = λ·ε.
 
 Why a table keyed by sample id: the fit runs once per epoch over the whole bank, but ω is needed every step for
 the few samples of a micro-batch, on whatever device they live on. `NoiseState` keeps the ids of the last fit in
