@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, port: int, micro: int, steps: int, out: str) 
     from nlip_ds.config import load_config
     from nlip_ds.model import NLIPModel
     from nlip_ds.train import engine as E
-    from nlip_ds.train.state import RunState
+    from nlip_ds.noise.estimator import NoiseEstimator
     from nlip_ds.train.task import NLIPTask
 
     cfg = load_config(str(ROOT / "configs/tiny-cpu.yaml"), [f"train.micro_batch_size={micro}",
@@ -62,8 +62,8 @@ def _worker(rank: int, world: int, port: int, micro: int, steps: int, out: str) 
     E.init_distributed(cfg)
     torch.manual_seed(0)
     model = NLIPModel(cfg.model, vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2, sep_id=3)
-    engine = E.initialize(NLIPTask(model, cfg), cfg, E.build_ds_config(cfg, world), total_steps=steps + 1)
-    state = RunState.create()
+    noise = NoiseEstimator(cfg.noise)
+    engine = E.initialize(NLIPTask(model, cfg, noise), cfg, E.build_ds_config(cfg, world), total_steps=steps + 1)
     model_time = [0.0]
     model.register_forward_pre_hook(lambda *_: model_time.__setitem__(0, time.perf_counter()))
     model.register_forward_hook(lambda *_: model_time.__setitem__(0, time.perf_counter() - model_time[0]))
@@ -72,15 +72,15 @@ def _worker(rank: int, world: int, port: int, micro: int, steps: int, out: str) 
         batch = _batch(micro, rank, step)
         comms.clear()
         t0 = time.perf_counter()
-        eps = state.noise.epsilon_for(batch["sample_id"])
+        weights = noise.weights(batch["sample_id"])
         t1 = time.perf_counter()
-        terms = engine(batch, cfg.noise.lambda_ * eps, 1.0 - eps)
+        terms = engine(batch, weights.omega, weights.clean_prob)
         t2 = time.perf_counter()
         engine.backward(terms["loss"])
         t3 = time.perf_counter()
         engine.step()
         t4 = time.perf_counter()
-        state.bank.update(batch["sample_id"], terms["per_sample_loss"])
+        noise.observe(batch["sample_id"], terms["per_sample_loss"])
         t5 = time.perf_counter()
         rows.append({"forward": model_time[0], "loss": (t2 - t1) - model_time[0], "backward": t3 - t2,
                      "optimizer": t4 - t3, "noise": (t1 - t0) + (t5 - t4), "total": t5 - t0,

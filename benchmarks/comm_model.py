@@ -241,7 +241,7 @@ def _measure_worker(rank: int, world: int, port: int, micro: int, out: str) -> N
     from nlip_ds.config import load_config
     from nlip_ds.model import NLIPModel
     from nlip_ds.train import engine as E
-    from nlip_ds.train.state import RunState
+    from nlip_ds.noise.estimator import NoiseEstimator
     from nlip_ds.train.task import NLIPTask
 
     cfg = load_config(str(ROOT / "configs/tiny-cpu.yaml"), [f"train.micro_batch_size={micro}",
@@ -250,8 +250,8 @@ def _measure_worker(rank: int, world: int, port: int, micro: int, out: str) -> N
     vocab = 64
     torch.manual_seed(0)
     model = NLIPModel(cfg.model, vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2, sep_id=3)
-    engine = E.initialize(NLIPTask(model, cfg), cfg, E.build_ds_config(cfg, world), total_steps=10)
-    state = RunState.create()
+    noise = NoiseEstimator(cfg.noise)
+    engine = E.initialize(NLIPTask(model, cfg, noise), cfg, E.build_ds_config(cfg, world), total_steps=10)
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(5, vocab, (micro, 12), generator=g)
     batch = {"image": torch.randn(micro, 3, 32, 32, generator=g), "input_ids": ids,
@@ -264,7 +264,7 @@ def _measure_worker(rank: int, world: int, port: int, micro: int, out: str) -> N
         terms = engine(batch, zeros, 1.0 - zeros)
         engine.backward(terms["loss"])
         engine.step()
-        state.bank.update(batch["sample_id"], terms["per_sample_loss"])
+        noise.observe(batch["sample_id"], terms["per_sample_loss"])
     if rank == 0:
         with torch.device("meta"):
             meta = NLIPModel(cfg.model, vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2, sep_id=3)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from nlip_ds.noise.forms import NITC_FORMS
+
 
 class ConfigError(ValueError):
     """A config file or override that is refused before any work starts."""
@@ -149,7 +151,7 @@ class NoiseConfig:
     nitc_mode: str = opt("reweight", "form of L_NITC (docs/method.md): reweight trains each pair with weight "
                          "1 - omega; soft_target (the paper-like form) also pulls likely-noisy pairs towards "
                          "uniform similarity, which cost accuracy at 50% noise (docs/results.md)",
-                         choices=("soft_target", "reweight", "penalty"))
+                         choices=tuple(NITC_FORMS))
     penalty_mu: float = opt(1.0, "mu of the penalty form", lo=0.0)
     refit_every: Optional[int] = opt(None, "refit every N samples (streaming data) instead of per epoch",
                                      lo=1)

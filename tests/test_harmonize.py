@@ -1,12 +1,14 @@
-"""NoiseState lookups of ε / ω by sample id, its checkpoints, the `penalty` nitc term, and NLIPTask's use of
-each nitc mode."""
+"""NoiseState lookups of ε by sample id and the estimator's ω = λ·ε, its checkpoints, the `penalty` nitc term,
+and NLIPTask's use of each nitc mode."""
 import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nlip_ds.config import NoiseConfig
 from nlip_ds.noise.bank import LossBank
+from nlip_ds.noise.estimator import NoiseEstimator
 from nlip_ds.noise.gmm import fit_gmm
 from nlip_ds.noise.harmonize import NoiseState, penalty_term
 
@@ -21,10 +23,17 @@ def fitted_state(ids: torch.Tensor, seed: int = 0) -> tuple[NoiseState, torch.Te
     return state, fit.posterior.float()
 
 
+def omega_for(state: NoiseState, sample_ids: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """ω as training computes it: NoiseEstimator.weights over the ε table `state`."""
+    estimator = NoiseEstimator(NoiseConfig(lambda_=lambda_))
+    estimator.estimate = state
+    return estimator.weights(sample_ids).omega
+
+
 def test_zero_before_the_first_fit():
     state = NoiseState()
     assert not state.fitted and len(state) == 0
-    assert torch.equal(state.omega_for(torch.tensor([0, 5, 2 ** 40]), 0.5), torch.zeros(3))
+    assert torch.equal(omega_for(state, torch.tensor([0, 5, 2 ** 40]), 0.5), torch.zeros(3))
 
 
 def test_omega_is_lambda_eps_and_zero_for_unfitted_ids():
@@ -33,13 +42,13 @@ def test_omega_is_lambda_eps_and_zero_for_unfitted_ids():
     query = torch.tensor([55, 0, 2, 4, 89, 100, 13, 13])  # misses below, between and above the fitted ids
     expected = torch.tensor([eps[7], 0.0, eps[0], 0.0, eps[8], 0.0, eps[4], eps[4]])
     assert torch.equal(state.epsilon_for(query), expected)
-    assert torch.equal(state.omega_for(query, 0.5), 0.5 * expected)
-    assert state.omega_for(query, 0.5).dtype == torch.float32
+    assert torch.equal(omega_for(state, query, 0.5), 0.5 * expected)
+    assert omega_for(state, query, 0.5).dtype == torch.float32
 
 
 def test_a_new_fit_replaces_the_lookup():
     state, _ = fitted_state(torch.arange(30))
-    state.omega_for(torch.arange(3), 1.0)  # builds the CPU table
+    state.epsilon_for(torch.arange(3))  # builds the CPU table
     state2, eps2 = fitted_state(torch.arange(10, 40), seed=1)
     state.update(state2.fit, torch.arange(10, 40))
     assert torch.equal(state.epsilon_for(torch.tensor([0, 10, 39])), torch.tensor([0.0, eps2[0], eps2[-1]]))
@@ -67,7 +76,8 @@ def test_state_dict_round_trip(fitted):
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.fitted == fitted and restored.fit == state.fit
     query = torch.arange(40)
-    assert torch.equal(restored.omega_for(query, 0.5), state.omega_for(query, 0.5))
+    assert torch.equal(restored.epsilon_for(query), state.epsilon_for(query))
+    assert torch.equal(omega_for(restored, query, 0.5), omega_for(state, query, 0.5))
 
 
 def test_bank_to_fit_to_omega():
@@ -81,7 +91,7 @@ def test_bank_to_fit_to_omega():
     fit = fit_gmm(fit_losses)
     state = NoiseState()
     state.update(fit, fit_ids)
-    omega = state.omega_for(ids, 0.5)  # (500,) in the batch's order
+    omega = omega_for(state, ids, 0.5)  # (500,) in the batch's order
     assert torch.equal(omega, 0.5 * fit.posterior.float()[ids])
     assert (omega[noisy] > 0.45).all() and (omega[~noisy] < 0.05).all()
 

@@ -1,4 +1,4 @@
-"""Noise-harmonization weights: ε per sample id from the last fit, ω = λ·ε for the contrastive loss.
+"""Noise-harmonization weights: ε per sample id from the last fit, which estimator.py turns into ω = λ·ε.
 
 Why a table keyed by sample id: the fit runs once per epoch over the whole bank, but ω is needed every step for
 the few samples of a micro-batch, on whatever device they live on. `NoiseState` keeps the ids of the last fit in
@@ -64,10 +64,6 @@ class NoiseState:
         query = sample_ids.long()
         pos = torch.searchsorted(ids, query).clamp_(max=ids.numel() - 1)  # (n,)
         return torch.where(ids[pos] == query, eps[pos], 0.0)
-
-    def omega_for(self, sample_ids: torch.Tensor, lambda_: float) -> torch.Tensor:
-        """(n,) ids -> (n,) float32 ω = λ·ε, the per-pair weight of L_NITC."""
-        return self.epsilon_for(sample_ids) * lambda_
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers (loads with torch.load(weights_only=True))."""

@@ -1,9 +1,10 @@
 """The flat training loop: config -> distributed -> build -> epochs of steps -> evaluation -> summary.
 
 Per step: omega and clean probability looked up by sample id -> engine forward (task: fused loss and
-caption loss) -> backward/step -> one all-gather of per-sample losses into the bank. At the start of every
-epoch after warm-up (or every noise.refit_every samples) the GMM is refitted on the bank. Metrics stay on
-device between log steps and are reduced across ranks only there.
+caption loss) -> backward/step -> the per-sample losses to the noise estimator (one all-gather into its bank).
+At the start of every epoch after warm-up (or every noise.refit_every samples) the estimator refits its GMM
+(nlip_ds/noise/estimator.py owns the schedule). Metrics stay on device between log steps and are reduced
+across ranks only there.
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ from nlip_ds import distributed as D
 from nlip_ds.completion.completer import Completer
 from nlip_ds.config import Config
 from nlip_ds.monitor import MetricSink, ProgressLine, setup_logging
-from nlip_ds.noise.bank import UNKNOWN
+from nlip_ds.noise.estimator import NoiseEstimator
 from nlip_ds.run.layout import RunFolder, check_run_folder, step_tag, write_resolved
 from nlip_ds.train import engine as E
 from nlip_ds.train.build import build_loaders, build_model, build_tokenizer
 from nlip_ds.train.checkpoint import resume, save
 from nlip_ds.train.nonfinite import NonFiniteGuard
 from nlip_ds.train.preempt import Preemption
-from nlip_ds.train.refit import refit
+from nlip_ds.train.refit import report_refit
 from nlip_ds.train.state import RunState
 from nlip_ds.train.task import NLIPTask
 
@@ -54,8 +55,9 @@ def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
     ds_config = E.build_ds_config(cfg, topo.world_size)
     model = build_model(cfg, tokenizer)
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
-    engine = E.initialize(NLIPTask(model, cfg), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
-    state = RunState.create(completion=Completer(cfg, tokenizer) if cfg.completion.enabled else None)
+    noise = NoiseEstimator(cfg.noise)
+    engine = E.initialize(NLIPTask(model, cfg, noise), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
+    state = RunState.create(noise, completion=Completer(cfg, tokenizer) if cfg.completion.enabled else None)
     resume(engine, cfg, state, loaders["train"])
     watch.step = lambda: state.step
     sink = MetricSink(cfg.train.output_dir, enabled=topo.is_main, tensorboard=cfg.monitor.tensorboard)
@@ -85,8 +87,7 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
                     if preempt.agreed(engine.device):  # SIGTERM/SIGUSR1 on any rank: checkpoint, exit
                         save(engine, cfg, state, loader)
                         preempt.exit(cfg.train.output_dir, state.step, step_tag(state.step))
-                if should_refit_in_epoch(cfg, state):
-                    refit(cfg, state, sink)
+                report_refit(cfg, sink, state.noise.refit_if_due(state.epoch, state.step))
                 if reached_max_steps(engine, cfg):
                     break
                 if cfg.train.save_every and state.step % cfg.train.save_every == 0:
@@ -102,10 +103,7 @@ def run_epochs(engine, cfg: Config, state: RunState, loader, sink: MetricSink, t
 def start_epoch(cfg: Config, state: RunState, loader, sink: MetricSink) -> None:
     """Select the epoch (a position restored by a resume for this epoch is kept) and refit when due."""
     loader.set_epoch(state.epoch)
-    if not cfg.noise.refit_every:
-        state.bank.set_epoch(state.epoch)
-    if should_refit_at_epoch(cfg, state):
-        refit(cfg, state, sink)
+    report_refit(cfg, sink, state.noise.start_epoch(state.epoch, state.step))
 
 
 def reached_max_steps(engine, cfg: Config) -> bool:
@@ -117,23 +115,17 @@ def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAc
     device = engine.device
     batch = to_device(batch, device)
     ids = batch["sample_id"]
-    eps = state.noise.epsilon_for(ids)  # (n,) zeros until the first fit
-    omega = cfg.noise.lambda_ * eps
+    weights = state.noise.weights(ids)  # (n,) each; epsilon is zero until the first fit
+    omega = weights.omega
     if state.completion is not None:  # concept prefix, synthetic captions (lockstep on every rank)
-        batch, omega = state.completion.prepare(engine.module.model, state, batch, eps, omega)
-    terms = engine(batch, omega, 1.0 - eps)
+        batch, omega = state.completion.prepare(engine.module.model, state, batch, weights.epsilon, omega)
+    terms = engine(batch, omega, weights.clean_prob)
     loss, finite = guard.loss_for_backward(terms["loss"])  # NaN-scaled when not finite: the engine skips the step
     engine.backward(loss)
     optimizer_steps, skipped_steps = engine.global_steps, engine.skipped_steps
     engine.step()
-    if cfg.noise.enabled:
-        # Padded repeats (exact epochs) re-enter the bank under their own id: latest wins, no double count.
-        # A non-finite loss goes in as a padding row (id -1), so the bank keeps that sample's previous loss.
-        per_sample = terms["per_sample_loss"]
-        state.bank.update(torch.where(torch.isfinite(per_sample), ids, UNKNOWN), per_sample,
-                          flags=noise_flags(batch["noise_type"]))
+    state.noise.observe(ids, terms["per_sample_loss"], flags=noise_flags(batch["noise_type"]))
     state.step += 1
-    state.samples_since_refit += ids.numel() * D.get_world_size()
     acc.add({k: terms[k] for k in LOGGED_TERMS if k in terms}, finite)
     if engine.global_steps != optimizer_steps:  # an accumulation boundary: the optimizer stepped or skipped
         guard.after_optimizer_step(engine, state, skipped=engine.skipped_steps != skipped_steps)
@@ -153,19 +145,6 @@ def stop_nonfinite(engine, cfg: Config, state: RunState, loader, guard: NonFinit
 def noise_flags(noise_type: torch.Tensor) -> torch.Tensor:
     """Ground truth for the detection metrics: 1 noisy (incorrect or incomplete), 0 clean, -1 unknown."""
     return torch.where(noise_type < 0, noise_type, (noise_type > 0).long())
-
-
-def should_refit_at_epoch(cfg: Config, state: RunState) -> bool:
-    """Epoch mode: once at the start of every epoch from warmup_epochs on (not again after a resume)."""
-    return (cfg.noise.enabled and not cfg.noise.refit_every and state.epoch >= max(1, cfg.noise.warmup_epochs)
-            and state.last_refit_epoch < state.epoch)
-
-
-def should_refit_in_epoch(cfg: Config, state: RunState) -> bool:
-    """Streaming mode: every noise.refit_every samples once warm-up is over."""
-    n = cfg.noise
-    return (n.enabled and bool(n.refit_every) and state.epoch >= n.warmup_epochs
-            and state.samples_since_refit >= n.refit_every)
 
 
 class MetricAccumulator:
@@ -239,7 +218,7 @@ def evaluate(engine, cfg: Config, tokenizer, loaders: dict, sink: MetricSink, st
 
 
 def write_summary(cfg: Config, state: RunState, results: dict, topo: D.Topology) -> dict:
-    last = state.history[-1] if state.history else {}
+    last = state.noise.history[-1] if state.noise.history else {}
     summary = {"steps": state.step, "epochs": state.epoch, "world_size": topo.world_size,
                "final_train": state.final_train, "noise": last, "eval": results}
     if topo.is_main:

@@ -1,7 +1,8 @@
-"""Everything a run carries besides the engine: counters, the loss bank, the noise estimate, RNG states.
+"""Everything a run carries besides the engine: counters, the noise estimator, the completer, RNG states.
 
-Split in two for checkpoints: the shared part is identical on every rank (counters, bank, GMM fit) and goes
-through DeepSpeed's client state; the per-rank part (loader position, RNG) is saved by each rank.
+Split in two for checkpoints: the shared part is identical on every rank (counters, the noise estimator's bank,
+fit and schedule) and goes through DeepSpeed's client state; the per-rank part (loader position, RNG) is saved
+by each rank.
 """
 from __future__ import annotations
 
@@ -11,46 +12,35 @@ from typing import Any, Optional
 
 import torch
 
-from nlip_ds.noise.bank import LossBank
-from nlip_ds.noise.harmonize import NoiseState
+from nlip_ds.noise.estimator import NoiseEstimator
 
 
 @dataclass
 class RunState:
-    bank: LossBank
-    noise: NoiseState
+    noise: NoiseEstimator  # loss bank, refit schedule and history, ε/ω, L_NITC form
     epoch: int = 0
     step: int = 0  # micro-batches done (the engine counts optimizer steps itself)
-    last_refit_epoch: int = -1
-    samples_since_refit: int = 0
-    history: list = field(default_factory=list)  # one dict of noise metrics per refit
     final_train: dict = field(default_factory=dict)  # the last logged train/* means
     nonfinite_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in this run
     nonfinite_streak: int = 0  # of those, how many in a row up to now
     completion: Optional[Any] = None  # completion.completer.Completer (concept cache, caption bank) when enabled
 
     @classmethod
-    def create(cls, completion=None) -> "RunState":
-        # the bank grows (dense or compact) as ids arrive
-        return cls(bank=LossBank(), noise=NoiseState(), completion=completion)
+    def create(cls, noise: NoiseEstimator, completion=None) -> "RunState":
+        return cls(noise=noise, completion=completion)
 
     def shared_state(self, config_dict: dict, git_sha: str) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "last_refit_epoch": self.last_refit_epoch,
-                "samples_since_refit": self.samples_since_refit, "history": self.history,
-                "bank": self.bank.state_dict(), "noise": self.noise.state_dict(),
+        # the estimator's keys (bank, noise, history, ...) sit at the top level, where older checkpoints hold them
+        return {"epoch": self.epoch, "step": self.step, **self.noise.state_dict(),
                 "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_streak": self.nonfinite_streak,
                 "config": config_dict, "git_sha": git_sha,
                 "completion": None if self.completion is None else self.completion.state_dict()}
 
     def load_shared_state(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
-        self.last_refit_epoch = state["last_refit_epoch"]
-        self.samples_since_refit = state["samples_since_refit"]
-        self.history = list(state["history"])
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent from older checkpoints
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
-        self.bank.load_state_dict(state["bank"])
-        self.noise.load_state_dict(state["noise"])
+        self.noise.load_state_dict(state)  # reads its own keys
         if self.completion is not None and state.get("completion") is not None:
             self.completion.load_state_dict(state["completion"])
 

@@ -17,21 +17,19 @@ from torch import nn
 from nlip_ds.config import Config
 from nlip_ds.distributed import all_gather_tensor, all_gather_with_grad, get_rank
 from nlip_ds.model.decoder import caption_loss
-from nlip_ds.noise.harmonize import penalty_term
+from nlip_ds.noise.estimator import NoiseEstimator
 from nlip_ds.ops import fused_contrastive_loss
-from nlip_ds.ops.contrastive import FORMS
 
 
 class NLIPTask(nn.Module):
-    def __init__(self, model: nn.Module, cfg: Config):
+    def __init__(self, model: nn.Module, cfg: Config, noise: NoiseEstimator | None = None):
+        """noise: the run's estimator, whose L_NITC form the task computes (a fresh one from cfg.noise if None)."""
         super().__init__()
         self.model = model
+        self.noise = noise if noise is not None else NoiseEstimator(cfg.noise)
         self.alpha = cfg.model.decoder.loss_weight
         self.beta = cfg.model.mae.loss_weight if cfg.model.mae.enabled else 0.0
         self.label_smoothing = cfg.model.decoder.label_smoothing
-        self.nitc_mode = cfg.noise.nitc_mode
-        self.fused_form = self.nitc_mode if self.nitc_mode in FORMS else None  # penalty: CLIP plus its own term
-        self.penalty_mu = cfg.noise.penalty_mu
         self.prefix_in_embedding = cfg.model.text.prefix_in_embedding
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -45,14 +43,8 @@ class NLIPTask(nn.Module):
         img, txt = out["image_features"], out["text_features"]  # (n, D) each, L2-normalized
         img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)  # (N, D): every rank's n rows
         row_offset = get_rank() * img.shape[0]
-        if self.fused_form:
-            contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"],
-                                                             row_offset, omega, self.fused_form)
-        else:
-            contrastive, per_sample = fused_contrastive_loss(img, txt, img_all, txt_all, out["logit_scale"],
-                                                             row_offset)
-        if self.nitc_mode == "penalty":
-            contrastive = contrastive + penalty_term(img, txt, omega, self.penalty_mu)
+        contrastive, per_sample = self.noise.nitc_loss(img, txt, img_all, txt_all, out["logit_scale"], row_offset,
+                                                       omega)
         caption, _ = caption_loss(out["caption_logits"], out["caption_labels"], clean_prob,
                                   label_smoothing=self.label_smoothing)
         terms = {"contrastive_loss": contrastive, "caption_loss": caption}

@@ -1,0 +1,193 @@
+"""`NoiseEstimator`: the whole noise side of a training run in one object (docs/noise.md).
+
+It owns the cluster-wide loss bank (bank.py), ε per sample id from the last fit (`NoiseState`, harmonize.py),
+the refit schedule, ω = λ·ε and the form of L_NITC (forms.py). The train loop and the task call it here:
+
+    w = noise.weights(ids)                      # before the step: ε, ω = λ·ε, clean probability 1 - ε
+    loss, l = noise.nitc_loss(..., w.omega)     # in the task's forward: L_NITC in the configured form
+    noise.observe(ids, l, flags)                # after the step: one all-gather of (id, loss, flag) rows
+    refit = noise.refit_if_due(epoch, step)     # after the step (streaming) / noise.start_epoch(...) (epochs)
+
+Every rank holds the identical bank (one all-gather per step), so every rank computes the identical fit from
+identical inputs: no broadcast, and the result does not depend on the number of ranks. Logging, plots and files
+of a refit belong to the training side (train/refit.py), which receives the `Refit` returned here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Optional
+
+import torch
+
+from nlip_ds.distributed import get_world_size
+from nlip_ds.noise.bank import UNKNOWN, LossBank
+from nlip_ds.noise.forms import nitc_form
+from nlip_ds.noise.gmm import GMMFit, fit_gmm
+from nlip_ds.noise.harmonize import NoiseState, penalty_term
+from nlip_ds.noise.metrics import fit_summary
+from nlip_ds.ops import fused_contrastive_loss
+
+if TYPE_CHECKING:
+    from nlip_ds.config import NoiseConfig
+
+logger = logging.getLogger(__name__)
+
+
+class NoiseWeights(NamedTuple):
+    """Per-sample weights of one batch, each (n,) float32 on the ids' device."""
+
+    epsilon: torch.Tensor  # probability that the pair is noisy; 0 before the first fit
+    omega: torch.Tensor  # λ·ε, the weight of L_NITC
+    clean_prob: torch.Tensor  # 1 - ε, the weight of the pair in the caption loss
+
+
+@dataclass
+class Refit:
+    """What one refit saw and decided, for the training side's logs, plots and files."""
+
+    epoch: int
+    step: int
+    fit: GMMFit  # fit.posterior is ε, in the order of `ids`
+    ids: torch.Tensor  # (k,) int64 ascending
+    losses: torch.Tensor  # (k,) float32
+    flags: torch.Tensor  # (k,) int8: 1 noisy, 0 clean, -1 unknown
+    metrics: dict  # noise/* floats (metrics.fit_summary plus noise/samples)
+
+
+class EpochSchedule:
+    """Refit once at the start of every epoch from noise.warmup_epochs on (epoch 1 at the earliest: there are no
+    losses before), on the samples whose loss was last updated in the previous epoch; a resume into an epoch
+    whose refit is done does not refit again. The bank's round counter is the epoch."""
+
+    def __init__(self, cfg: "NoiseConfig"):
+        self.first_epoch = max(1, cfg.warmup_epochs)
+
+    def at_epoch_start(self, noise: "NoiseEstimator", epoch: int) -> bool:
+        noise.bank.set_epoch(epoch)
+        return epoch >= self.first_epoch and noise.last_refit_epoch < epoch
+
+    def after_step(self, noise: "NoiseEstimator", epoch: int) -> bool:
+        return False
+
+    def window_start(self, bank: LossBank) -> int:
+        return max(0, bank.epoch - 1)
+
+    def after_fit(self, bank: LossBank) -> None:
+        pass
+
+
+class SampleSchedule:
+    """Refit every noise.refit_every samples (all ranks together) once warm-up is over, for streaming data. The
+    bank's round counter counts refits; each fit sees the samples updated since the previous one."""
+
+    def __init__(self, cfg: "NoiseConfig"):
+        self.every, self.warmup_epochs = cfg.refit_every, cfg.warmup_epochs
+
+    def at_epoch_start(self, noise: "NoiseEstimator", epoch: int) -> bool:
+        return False
+
+    def after_step(self, noise: "NoiseEstimator", epoch: int) -> bool:
+        return epoch >= self.warmup_epochs and noise.samples_since_refit >= self.every
+
+    def window_start(self, bank: LossBank) -> int:
+        return bank.epoch
+
+    def after_fit(self, bank: LossBank) -> None:
+        bank.set_epoch(bank.epoch + 1)  # the next window starts now
+
+
+def refit_schedule(cfg: "NoiseConfig"):
+    """The schedule that noise.refit_every selects."""
+    return SampleSchedule(cfg) if cfg.refit_every else EpochSchedule(cfg)
+
+
+class NoiseEstimator:
+    """Loss bank, refit schedule, ε/ω per sample and the L_NITC form of one run (cfg: the `noise` section)."""
+
+    def __init__(self, cfg: "NoiseConfig"):
+        self.cfg = cfg
+        self.form = nitc_form(cfg.nitc_mode)
+        self.schedule = refit_schedule(cfg)
+        self.bank = LossBank()  # grows (dense or compact) as ids arrive
+        self.estimate = NoiseState()  # the last fit and ε per sample id
+        self.last_refit_epoch = -1
+        self.samples_since_refit = 0
+        self.history: list[dict] = []  # {"epoch", "step", noise/* metrics} per refit
+
+    # ------------------------------------------------------------------------------- every step
+
+    def weights(self, sample_ids: torch.Tensor) -> NoiseWeights:
+        """(n,) ids -> ε, ω = λ·ε and 1 - ε on the ids' device (one lookup, no host sync)."""
+        eps = self.estimate.epsilon_for(sample_ids)
+        return NoiseWeights(eps, self.cfg.lambda_ * eps, 1.0 - eps)
+
+    def nitc_loss(self, img_local, txt_local, img_all, txt_all, logit_scale, row_offset: int,
+                  omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_NITC of this rank's rows in the form noise.nitc_mode names, and the plain per-sample CLIP loss l
+        (n,), detached: what `observe` takes. Arguments as nlip_ds.ops.fused_contrastive_loss; omega (n,)."""
+        form = self.form
+        if form.op_form is None:
+            loss, per_sample = fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale,
+                                                      row_offset)
+        else:
+            loss, per_sample = fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale,
+                                                      row_offset, omega, form.op_form)
+        if form.penalty:
+            loss = loss + penalty_term(img_local, txt_local, omega, self.cfg.penalty_mu)
+        return loss, per_sample
+
+    def observe(self, sample_ids: torch.Tensor, losses: torch.Tensor, flags: Optional[torch.Tensor] = None) -> None:
+        """After each step, on every rank alike (a collective when noise.enabled): this rank's (n,) ids, losses
+        and ground-truth flags (1 noisy, 0 clean, -1 unknown) go into every rank's bank by one all-gather."""
+        if self.cfg.enabled:
+            # Padded repeats (exact epochs) re-enter the bank under their own id: latest wins, no double count.
+            # A non-finite loss goes in as a padding row (id -1), so the bank keeps that sample's previous loss.
+            self.bank.update(torch.where(torch.isfinite(losses), sample_ids, UNKNOWN), losses, flags=flags)
+        self.samples_since_refit += sample_ids.numel() * get_world_size()
+
+    # ------------------------------------------------------------------------------------ refits
+
+    def start_epoch(self, epoch: int, step: int) -> Optional[Refit]:
+        """At the start of every epoch (a resumed one too): the bank's round and, when the schedule says so,
+        a refit. Returns the refit, or None."""
+        due = self.schedule.at_epoch_start(self, epoch)
+        return self._refit(epoch, step) if due and self.cfg.enabled else None
+
+    def refit_if_due(self, epoch: int, step: int) -> Optional[Refit]:
+        """After every step: a refit when the schedule says so (streaming data), else None."""
+        if self.cfg.enabled and self.schedule.after_step(self, epoch):
+            return self._refit(epoch, step)
+        return None
+
+    def _refit(self, epoch: int, step: int) -> Optional[Refit]:
+        """GMM on the losses of the schedule's last round -> ε per sample id."""
+        ids, losses, flags = self.bank.losses_since(self.schedule.window_start(self.bank))
+        if ids.numel() < 2:
+            logger.warning("noise refit skipped: only %d sample(s) in the bank", ids.numel())
+            return None
+        n = self.cfg
+        fit = fit_gmm(losses, reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter)
+        self.estimate.update(fit, ids)
+        metrics = fit_summary(fit, fit.posterior, flags)  # detection metrics over the samples with ground truth
+        metrics["noise/samples"] = float(ids.numel())
+        self.history.append({"epoch": epoch, "step": step, **metrics})
+        self.last_refit_epoch, self.samples_since_refit = epoch, 0
+        self.schedule.after_fit(self.bank)
+        return Refit(epoch, step, fit, ids, losses, flags, metrics)
+
+    # ------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Plain tensors, numbers and lists, identical on every rank. The keys are those that the run's shared
+        checkpoint state held before this class existed, so checkpoints of either version resume."""
+        return {"bank": self.bank.state_dict(), "noise": self.estimate.state_dict(),
+                "last_refit_epoch": self.last_refit_epoch, "samples_since_refit": self.samples_since_refit,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"])
+        self.estimate.load_state_dict(state["noise"])
+        self.last_refit_epoch = state["last_refit_epoch"]
+        self.samples_since_refit = state["samples_since_refit"]
+        self.history = list(state["history"])
