@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     from nlip_ds.eval.cli import add_subcommands as add_eval_commands
     add_eval_commands(sub)
-    from nlip_ds.completion.caption_cli import add_subcommand as add_caption_command
+    from nlip_ds.eval.caption_cli import add_subcommand as add_caption_command
     add_caption_command(sub)
 
     p = sub.add_parser("train", help="train a model (plain process, deepspeed, torchrun or SLURM srun)")

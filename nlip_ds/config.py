@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS, STRATEGIES
 from nlip_ds.noise.forms import NITC_FORMS
 
 
@@ -173,7 +174,7 @@ class CompletionConfig:
     per_step_budget: int = opt(8, "synthetic captions generated per rank per step at most", lo=0)
     refresh_every_epochs: int = opt(2, "R: regenerate cached captions after this many epochs", lo=1)
     strategy: str = opt("nucleus", "decoding of synthetic captions (nucleus: the method's sampling; greedy or "
-                        "beam: the decoder's most likely caption)", choices=("nucleus", "greedy", "beam"))
+                        "beam: the decoder's most likely caption)", choices=tuple(STRATEGIES))
     top_p: float = opt(0.9, "nucleus sampling mass", lo=0.0, hi=1.0)
     num_beams: int = opt(3, "beams of the beam strategy", lo=1, hi=16)
     min_tokens: int = opt(5, "shortest synthetic caption", lo=1)
@@ -183,13 +184,20 @@ class CompletionConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = opt(True, "evaluate on data.test at the end of training")
-    tasks: list = opt(lambda: ["zeroshot", "retrieval"], "evaluation tasks", factory=True)
+    tasks: list = opt(lambda: ["zeroshot", "retrieval"], f"evaluation tasks, any of {', '.join(EVAL_TASKS)}",
+                      factory=True)
     templates: list = opt(lambda: ["a photo of a {}.", "a picture of a {}.", "an image of a {}."],
                           "zero-shot prompt templates", factory=True)
     classes: Optional[str] = opt(None, "class-name file for zero-shot (default: classes.txt at the root of "
                                  "the data.test dataset)")
     batch_size: int = opt(64, "evaluation batch size per rank", lo=1)
     max_samples: Optional[int] = opt(None, "evaluate on at most this many samples", lo=1)
+    probe_data: Optional[str] = opt(None, "labelled images the linear_probe task trains on (default: data.val)")
+    probe_c: float = opt(1.0, "inverse regularization strength of the linear probe", lo=0.0)
+    strategy: str = opt("greedy", "caption task decoding", choices=EVAL_STRATEGIES)
+    max_tokens: int = opt(20, "longest caption of the caption task, in tokens", lo=1)
+    min_tokens: int = opt(1, "shortest caption of the caption task, in tokens", lo=0)
+    num_beams: int = opt(3, "beams of the beam strategy in the caption task", lo=1, hi=16)
 
 
 @dataclass
@@ -312,10 +320,24 @@ def _check_consistency(cfg: Config) -> None:
                           f"{cfg.model.decoder.max_length}")
     if cfg.data.resampled and cfg.data.samples_per_epoch is None:
         raise ConfigError("data.samples_per_epoch: required when data.resampled=true")
-    unknown_tasks = set(cfg.eval.tasks) - {"zeroshot", "retrieval", "caption"}
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: Config) -> None:
+    """Every listed task must be able to run at the end of training (docs/eval.md)."""
+    e = cfg.eval
+    unknown_tasks = set(e.tasks) - set(EVAL_TASKS)
     if unknown_tasks:
-        raise ConfigError(f"eval.tasks: unknown task {sorted(unknown_tasks)[0]!r}; allowed: zeroshot, "
-                          "retrieval, caption")
+        raise ConfigError(f"eval.tasks: unknown task {sorted(unknown_tasks)[0]!r}; allowed: "
+                          f"{', '.join(EVAL_TASKS)}")
+    if "linear_probe" in e.tasks and not (e.probe_data or cfg.data.val):
+        raise ConfigError("eval.tasks: linear_probe needs labelled training images: set eval.probe_data (or "
+                          "data.val)")
+    if "caption" in e.tasks and e.max_tokens > cfg.model.decoder.max_length:
+        raise ConfigError(f"eval.max_tokens: {e.max_tokens} exceeds model.decoder.max_length="
+                          f"{cfg.model.decoder.max_length}")
+    if e.min_tokens > e.max_tokens:
+        raise ConfigError(f"eval.min_tokens: {e.min_tokens} exceeds eval.max_tokens={e.max_tokens}")
 
 
 def validate(cfg: Config) -> Config:

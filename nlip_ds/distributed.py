@@ -120,6 +120,38 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def start_processes(device_arg: str | None) -> tuple[Topology, torch.device]:
+    """(Topology, device) of a command that runs on one process or on every rank of a launcher; a process
+    group (NCCL on GPUs, gloo otherwise) only when WORLD_SIZE > 1."""
+    topo = resolve_topology()
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{topo.local_rank}" if device_arg == "cuda" else device_arg)
+    if topo.world_size > 1:
+        export_topology(topo)  # SLURM names rank and world differently from env:// rendezvous
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return topo, device
+
+
+def run_on_processes(command: str, device_arg: str | None, body: Callable[[Topology, torch.device], int]) -> int:
+    """Run `body(topo, device)` on one process or on every rank of a launcher (`nlip-ds eval`, `nlip-ds
+    caption`): a bad input becomes one line `nlip-ds COMMAND: error: ...` and exit status 2, and the process
+    group is left before returning."""
+    from nlip_ds.config import ConfigError
+    from nlip_ds.monitor import setup_logging
+
+    topo, device = start_processes(device_arg)
+    setup_logging(topo.rank)
+    try:
+        return body(topo, device)
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"nlip-ds {command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's block (a reduce-scatter).
 

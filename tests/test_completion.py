@@ -1,4 +1,4 @@
-"""Noise-completion in the training loop: policies, caption bank, the estimator's original-caption loss, the
+"""Noise-completion in the training loop: policies, caption store, the estimator's original-caption loss, the
 Completer on a hand-made batch, lockstep generation on a real 2-rank ZeRO-3 engine, and 2-rank training runs
 with completion that checkpoint, resume and log the counters and the text panel."""
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nlip_ds.completion import policy as P
-from nlip_ds.completion.bank import CaptionBank
+from nlip_ds.completion.caption_store import SyntheticCaptionStore
 from nlip_ds.completion.completer import Completer, generation_seed
 from nlip_ds.config import ConfigError, load_config
 from nlip_ds.ops.contrastive import fused_contrastive_loss_ref
@@ -75,11 +75,11 @@ def test_replace_and_concat_build_captions_cut_to_the_context():
     assert P.zeroes_omega("replace") and P.zeroes_omega("threshold") and not P.zeroes_omega("concat")
 
 
-# ---------------------------------------------------------------------------------------------- caption bank
+# ---------------------------------------------------------------------------------------------- caption store
 
 
-def test_caption_bank_freshness_padding_rows_and_state():
-    bank = CaptionBank(max_tokens=4, pad_id=PAD)
+def test_caption_store_freshness_padding_rows_and_state():
+    bank = SyntheticCaptionStore(max_tokens=4, pad_id=PAD)
     bank.put(torch.tensor([5, -1, 9]), torch.tensor([[7, 8, EOS], [1, 1, 1], [6, EOS, PAD]]), epoch=2, step=40)
     assert len(bank) == 2 and 5 in bank and -1 not in bank
     assert bank.get([9, 5]).tolist() == [[6, EOS, PAD, PAD], [7, 8, EOS, PAD]]
@@ -87,12 +87,12 @@ def test_caption_bank_freshness_padding_rows_and_state():
     assert bank.fresh([5], epoch=4, refresh_every=2) == [False]  # regenerated every R epochs
     bank.put(torch.tensor([5]), torch.tensor([[11, 12, 13, 14]]), epoch=4, step=80)
     assert bank.get([5]).tolist() == [[11, 12, 13, 14]] and bank.fresh([5], 5, 2) == [True]
-    restored = CaptionBank(max_tokens=4, pad_id=PAD)
+    restored = SyntheticCaptionStore(max_tokens=4, pad_id=PAD)
     restored.load_state_dict(bank.state_dict())
     assert restored.get([5, 9]).tolist() == bank.get([5, 9]).tolist()
     assert restored.fresh([5, 9], 5, 2) == bank.fresh([5, 9], 5, 2) and len(restored) == 2
     with pytest.raises(ValueError, match="completion.max_tokens"):
-        CaptionBank(max_tokens=6, pad_id=PAD).load_state_dict(bank.state_dict())
+        SyntheticCaptionStore(max_tokens=6, pad_id=PAD).load_state_dict(bank.state_dict())
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -133,9 +133,9 @@ def test_completer_replaces_picked_rows_within_budget_and_reuses_the_bank(synth_
     out, new_omega = completer.prepare(task.model, SimpleNamespace(epoch=1, step=3), batch, eps, omega)
     assert completer.cache.ready and completer.cache.refreshed_at_step == 3
     assert out["concept_ids"].shape == (4, cfg.model.text.context_length // 2) and out["concept_mask"].any()
-    assert completer.generated == 1 and 11 in completer.bank and 13 not in completer.bank  # budget 1: row 1
+    assert completer.generated == 1 and 11 in completer.captions and 13 not in completer.captions  # budget 1: row 1
     assert out["caption_changed"].tolist() == [False, True, False, False]
-    expected, _ = P.caption_rows("replace", batch["input_ids"][1:2], completer.bank.get([11]),
+    expected, _ = P.caption_rows("replace", batch["input_ids"][1:2], completer.captions.get([11]),
                                  bos_id=synth_tokenizer.bos_id,
                                  eos_id=synth_tokenizer.eos_id, pad_id=synth_tokenizer.pad_id,
                                  special=completer.special)
@@ -145,11 +145,11 @@ def test_completer_replaces_picked_rows_within_budget_and_reuses_the_bank(synth_
     torch.testing.assert_close(new_omega, torch.tensor([0.0, 0.0, 0.1, 0.35]))  # replaced row: omega 0
     out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=4), batch, eps, omega)
     assert completer.generated == 2 and out["caption_changed"].tolist() == [False, True, False, True]
-    step = completer.bank.step.clone()
+    step = completer.captions.step.clone()
     completer.prepare(task.model, SimpleNamespace(epoch=2, step=5), batch, eps, omega)
     assert completer.generated == 2  # cached captions reused within R = 2 epochs
     completer.prepare(task.model, SimpleNamespace(epoch=3, step=6), batch, eps, omega)
-    assert completer.generated == 3 and not torch.equal(completer.bank.step, step)  # then regenerated
+    assert completer.generated == 3 and not torch.equal(completer.captions.step, step)  # then regenerated
     assert completer.cache.refreshed_at_step == 3  # refresh_concepts_every=50 not yet reached
     completer.prepare(task.model, SimpleNamespace(epoch=3, step=53), batch, eps, omega)
     assert completer.cache.refreshed_at_step == 53
@@ -157,7 +157,7 @@ def test_completer_replaces_picked_rows_within_budget_and_reuses_the_bank(synth_
     restored = Completer(cfg, synth_tokenizer)
     restored.load_state_dict(completer.state_dict())
     assert restored.generated == 4 and torch.equal(restored.cache.embeddings, completer.cache.embeddings)
-    assert restored.bank.get([11, 13]).tolist() == completer.bank.get([11, 13]).tolist()
+    assert restored.captions.get([11, 13]).tolist() == completer.captions.get([11, 13]).tolist()
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
@@ -169,7 +169,7 @@ def test_deterministic_strategies_bank_the_decoders_own_caption(synth_dir, synth
     rows = torch.tensor([0, 3])
     expected = task.model.generate(batch["image"][rows], out["concept_ids"][rows], out["concept_mask"][rows],
                                    strategy=strategy, num_beams=2, min_tokens=2, max_tokens=8)
-    banked = completer.bank.get([10, 13])
+    banked = completer.captions.get([10, 13])
     assert torch.equal(banked[:, :expected.shape[1]], expected)
     assert (banked[:, expected.shape[1]:] == synth_tokenizer.pad_id).all()
 
@@ -183,7 +183,7 @@ def test_concat_keeps_omega_and_the_original_text(synth_dir, synth_tokenizer):
     tok = synth_tokenizer
     words = lambda ids: [t for t in ids.tolist() if t not in completer.special]
     for row in (1, 3):
-        synthetic = words(completer.bank.get([int(batch["sample_id"][row])])[0])
+        synthetic = words(completer.captions.get([int(batch["sample_id"][row])])[0])
         expected = (words(batch["input_ids"][row]) + synthetic)[:cfg.model.text.context_length - 2]
         assert words(out["input_ids"][row]) == expected and len(synthetic) >= 2
         assert out["input_ids"][row, 0] == tok.bos_id and tok.eos_id in out["input_ids"][row].tolist()
@@ -220,6 +220,7 @@ from nlip_ds.completion.completer import Completer
 from nlip_ds.config import load_config
 from nlip_ds.data.tokenizer import load_tokenizer
 from nlip_ds.model import NLIPModel
+from nlip_ds.train.zero import held
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = D.get_rank()
@@ -240,18 +241,18 @@ def hook(module, args, out):
     return out
 engine.module.decoder.register_forward_hook(hook)
 inputs = torch.load({inputs!r})[rank]
-completer = Completer(cfg, tok)
+completer = Completer(cfg, tok{hold})
 out = completer.generate(engine.module, *inputs, step=7)
 assert torch.equal(out, torch.load({expected!r})[rank]), (out, torch.load({expected!r})[rank])
 assert len(calls) == cfg.completion.max_tokens, len(calls)  # both ranks ran every decoder step
 # the bank path: rank 0 captions two rows, rank 1 has none and runs one dummy row in step
 batch = {{"image": inputs[0], "concept_ids": inputs[1], "concept_mask": inputs[2], "sample_id": torch.tensor([5, 6])}}
-completer._caption_into_bank(engine.module, batch, [0, 1] if rank == 0 else [], SimpleNamespace(epoch=0, step=7))
-banks = D.all_gather_object(completer.bank.state_dict())
-assert completer.generated == 2 and len(completer.bank) == 2 and 5 in completer.bank and 6 in completer.bank
+completer._caption_into_store(engine.module, batch, [0, 1] if rank == 0 else [], SimpleNamespace(epoch=0, step=7))
+banks = D.all_gather_object(completer.captions.state_dict())
+assert completer.generated == 2 and len(completer.captions) == 2 and 5 in completer.captions and 6 in completer.captions
 assert all(torch.equal(b["tokens"], banks[0]["tokens"]) and torch.equal(b["ids"], banks[0]["ids"]) for b in banks)
 if rank == 0:
-    assert torch.equal(completer.bank.get([5, 6]), out)  # the same seed, step and rank: the same captions
+    assert torch.equal(completer.captions.get([5, 6]), out)  # the same seed, step and rank: the same captions
 print("LOCKSTEP-OK", rank, flush=True)
 """
 
@@ -271,7 +272,8 @@ def _eos_bias_hook(bias: float, eos_id: int):
 
 
 @pytest.mark.dist
-def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, synth_tokenizer, tmp_path):
+@pytest.mark.parametrize("hold", ["", ", hold=held"], ids=["per-token-gather", "decoder-held"])
+def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, synth_tokenizer, tmp_path, hold):
     pytest.importorskip("deepspeed")
     from nlip_ds.model import NLIPModel
 
@@ -303,7 +305,7 @@ def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, s
     torch.save(expected, paths["expected"])
     tok_dir = tmp_path / "tok"
     tok.save(tok_dir)
-    script = LOCKSTEP.format(overrides=overrides, tok=str(tok_dir), **paths)
+    script = LOCKSTEP.format(overrides=overrides, tok=str(tok_dir), hold=hold, **paths)
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
@@ -367,7 +369,7 @@ def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
 
     run, first, metrics, saved = completion_runs
     logged = [m for m in metrics if "completion/generated" in m]
-    assert logged and logged[-1]["completion/generated"] > 0 and logged[-1]["completion/bank_size"] > 0
+    assert logged and logged[-1]["completion/generated"] > 0 and logged[-1]["completion/stored_captions"] > 0
     assert any(0 < m.get("completion/replaced", 0) <= 1 for m in metrics)
     assert "eval zeroshot_top1" in first.stdout  # the run finished through its evaluation
     acc = EventAccumulator(str(run / "tensorboard" / "nlip"), size_guidance={"tensors": 0}).Reload()
@@ -376,12 +378,12 @@ def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
     assert [p.step for p in panels] == [saved["concepts"]["refreshed_at_step"]]
     text = panels[0].tensor_proto.string_val[0].decode()
     assert "original caption" in text and "retrieved concepts" in text and "synthetic caption" in text
-    assert len(saved["captions"]["ids"]) == logged[-1]["completion/bank_size"]
+    assert len(saved["captions"]["ids"]) == logged[-1]["completion/stored_captions"]
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_caption_bank_and_concept_cache_survive_resume(completion_runs):
+def test_caption_store_and_concept_cache_survive_resume(completion_runs):
     from nlip_ds.data.tokenizer import load_tokenizer
 
     run, _, metrics, saved = completion_runs

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlip_ds.completion.concepts import (DEFAULT_VOCABULARY, ConceptCache, build_vocabulary, caption_words,
-                                         is_file_like, load_vocabulary)
+from nlip_ds.completion.concepts import DEFAULT_VOCABULARY, ConceptCache, load_vocabulary
+from nlip_ds.data.vocabulary import build_vocabulary, caption_words, is_file_like
 
 # ------------------------------------------------------------------------------------------------ vocabulary
 

@@ -1,8 +1,9 @@
 """End-to-end runs of the real entry points on tiny synthetic data (marked slow; CI runs them).
 
-- `deepspeed --num_gpus 2 --module nlip_ds.cli train`: 2 CPU ranks under ZeRO-3, a GMM refit, evaluation; leaves
-  a loadable checkpoint, metrics.jsonl, TensorBoard events with the expected tags, and exports to a model that
-  reproduces the run's evaluation without DeepSpeed.
+- `deepspeed --num_gpus 2 --module nlip_ds.cli train`: 2 CPU ranks under ZeRO-3, a GMM refit, evaluation of
+  every task but the probe (caption included); leaves a loadable checkpoint, metrics.jsonl, TensorBoard events
+  with the expected tags, end-of-training numbers that `nlip-ds eval` on the run folder reproduces, and exports
+  to a model that reproduces the run's evaluation without DeepSpeed.
 - exact resume: a run stopped mid-epoch and resumed gives the same per-step losses as the uninterrupted run,
   through a GMM refit after the resume point.
 """
@@ -52,7 +53,8 @@ def ds_run(synth_dir, tmp_path_factory):
     tok = tmp_path_factory.mktemp("ds_tok") / "tokenizer"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
-           *_overrides(synth_dir, tok, run_dir, "train.epochs=2", "noise.warmup_epochs=1", "monitor.log_every=2")]
+           *_overrides(synth_dir, tok, run_dir, "train.epochs=2", "noise.warmup_epochs=1", "monitor.log_every=2",
+                       "eval.tasks=[zeroshot,retrieval,caption]", "eval.max_tokens=8")]
     proc = _run(cmd)
     return run_dir, tok, proc
 
@@ -68,7 +70,7 @@ def test_deepspeed_run_leaves_checkpoint_metrics_and_summary(ds_run):
     assert (run_dir / "config.yaml").is_file() and "git_sha" in (run_dir / "run.json").read_text()
     tags = set().union(*(m.keys() for m in _metrics(run_dir)))
     assert {"train/loss", "train/contrastive_loss", "train/caption_loss", "noise/rate", "noise/auc",
-            "eval/zeroshot_top1", "eval/i2t_r1"} <= tags
+            "eval/zeroshot_top1", "eval/i2t_r1", "eval/bleu4", "eval/cider"} <= tags
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs"] == 2
     assert 0.0 <= summary["noise"]["noise/auc"] <= 1.0
@@ -98,22 +100,42 @@ def test_export_loads_without_deepspeed_and_reproduces_eval(ds_run, tmp_path):
 import json, sys, yaml
 sys.modules['deepspeed'] = None  # loading must not need DeepSpeed
 from nlip_ds.config import from_dict
-from nlip_ds.data.pipeline import build_loader
 from nlip_ds.data.tokenizer import load_tokenizer
-from nlip_ds.eval.runner import run_eval
+from nlip_ds.eval.tasks import EvalOptions, evaluate
 from nlip_ds.model import NLIPModel
 model = NLIPModel.from_pretrained({str(out)!r})
 cfg = from_dict(yaml.safe_load(open({str(run_dir / 'config.yaml')!r})))
 tok = load_tokenizer({str(out / 'tokenizer')!r})
-loader = build_loader(cfg.data, 'test', tokenizer=tok, image_size=32, batch_size=16, train=False,
-                      context_length=cfg.model.text.context_length, seed=0, workers=0)
-print(json.dumps(run_eval(model, cfg, tok, loader)))
+print(json.dumps(evaluate(model, tok, EvalOptions.from_config(cfg))["metrics"]))
 """
     proc = _run([sys.executable, "-c", code])
     exported = json.loads(proc.stdout.strip().splitlines()[-1])
     during_run = json.loads((run_dir / "summary.json").read_text())["eval"]
-    for key in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+    for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "bleu4", "cider"):
         assert exported[key] == pytest.approx(during_run[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_end_of_training_numbers_equal_nlip_ds_eval_on_the_run(ds_run, synth_dir, tmp_path):
+    """The same checkpoint and data through `nlip-ds eval` (one process) give the numbers the 2-rank run wrote."""
+    import yaml
+
+    run_dir, _, _ = ds_run
+    during_run = json.loads((run_dir / "summary.json").read_text())["eval"]
+    saved = json.loads((run_dir / "eval" / "end_of_training.json").read_text())
+    assert saved["metrics"] == during_run and saved["tasks"] == ["zeroshot", "retrieval", "caption"]
+    templates = tmp_path / "templates.txt"
+    templates.write_text("\n".join(yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["templates"]))
+    task_args = {"zeroshot": ["--templates", templates], "retrieval": [], "caption": ["--max-tokens", "8"]}
+    for task, extra in task_args.items():
+        out = tmp_path / f"{task}.json"
+        _run([sys.executable, "-m", "nlip_ds.cli", "eval", "--checkpoint", str(run_dir), "--task", task, "--data",
+              str(synth_dir / "test"), "--batch-size", "16", "--out", str(out), "--no-tensorboard",
+              *map(str, extra)])
+        metrics = json.loads(out.read_text())["metrics"]
+        assert metrics, task
+        for key, value in metrics.items():
+            assert during_run[key] == pytest.approx(value, abs=1e-6), (task, key)
 
 
 @pytest.mark.slow

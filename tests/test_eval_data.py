@@ -108,11 +108,11 @@ def test_missing_inputs_name_the_file(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "a.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"--classes FILE \(looked for .*shards/classes.txt"):
-        resolve_class_names(EvalOptions("zeroshot", str(tmp_path / "shards")))
+        resolve_class_names(EvalOptions(("zeroshot",), str(tmp_path / "shards")))
 
 
 def test_class_file_found_beside_the_split_folder(synth_dir):
-    names = resolve_class_names(EvalOptions("zeroshot", str(synth_dir / "test")))
+    names = resolve_class_names(EvalOptions(("zeroshot",), str(synth_dir / "test")))
     assert names == (synth_dir / "classes.txt").read_text().split()
 
 

@@ -1,4 +1,4 @@
-"""Noise-completion inside the training loop: concept prefixes, lockstep caption generation, caption bank.
+"""Noise-completion inside the training loop: concept prefixes, lockstep caption generation, caption store.
 
 `Completer.prepare` runs in every training step on every rank, before the engine's forward:
 
@@ -13,29 +13,33 @@
    completion.refresh_concepts_every steps, at the same step on every rank; each refresh also captions the
    first rows of the batch for a TensorBoard text panel.
 3. From completion.start_epoch on, the policy picks the pairs that train on a synthetic caption. Picked pairs
-   without a fresh caption in the bank (none yet, or one older than completion.refresh_every_epochs) are
+   without a fresh caption in the store (none yet, or one older than completion.refresh_every_epochs) are
    captioned in-step, at most completion.per_step_budget per rank, by completion.strategy (nucleus sampling
    by default) in lockstep: one all-reduce says whether any rank has work; if so every rank calls generate
    exactly once (a rank with no work on one dummy row, discarded) with a sync_fn, and one all-gather puts the
-   new captions into every rank's bank. Picked pairs with a caption in the bank get it (replace/threshold: instead of the original,
+   new captions into every rank's store. Picked pairs with a caption in the store get it (replace/threshold: instead of the original,
    with omega = 0; concat: after the original).
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
    ("caption_changed"); NLIPTask hands the noise estimator the loss of the original pairs without concepts.
 
-Host syncs: from stage 2 on, the ids and the policy's picks go to the host every step (the bank is a host
-dict) and one small all-reduce runs per step; generation itself needs one per decoder step.
+Host syncs: from stage 2 on, the ids and the policy's picks go to the host every step (the caption store is
+a host dict) and one small all-reduce runs per step; generation itself needs one per decoder step. Under ZeRO-3
+the training loop passes `hold` (train/zero.py's `held`), which gathers C_d's parameters once per generate call
+instead of once per submodule per generated token.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Callable, ContextManager
 
 import torch
 
 from nlip_ds import distributed as D
 from nlip_ds.completion import policy as P
-from nlip_ds.completion.bank import CaptionBank
+from nlip_ds.completion.caption_store import SyntheticCaptionStore
 from nlip_ds.completion.concepts import ConceptCache, load_vocabulary
+from nlip_ds.model.generation import GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +58,17 @@ def inference(model: torch.nn.Module):
         model.train(was_training)
 
 
+def _no_hold(module: torch.nn.Module) -> ContextManager:
+    return contextlib.nullcontext()
+
+
 class Completer:
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, hold: Callable[[torch.nn.Module], ContextManager] = _no_hold):
+        """`hold(decoder)` keeps C_d's parameters whole around each generate call (ZeRO-3: train/zero.py)."""
         self.c = cfg.completion
+        self.hold = hold
+        self.options = GenerationOptions(self.c.strategy, self.c.max_tokens, self.c.min_tokens, self.c.top_p,
+                                         self.c.num_beams).validate()
         self.seed = cfg.train.seed
         self.context_length = cfg.model.text.context_length
         self.prefix_length = cfg.model.text.context_length // 2  # T_e cuts concepts first when a caption is long
@@ -64,7 +76,7 @@ class Completer:
         self.tokenizer = tokenizer
         self.special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id}
         self.cache = ConceptCache(load_vocabulary(self.c.vocabulary))
-        self.bank = CaptionBank(self.c.max_tokens, tokenizer.pad_id)
+        self.captions = SyntheticCaptionStore(self.c.max_tokens, tokenizer.pad_id)
         self.generated = 0  # synthetic captions generated so far, all ranks (identical on every rank)
         self._changed_share = None  # (,) device sum of the per-step share of changed captions since the last log
         self._steps = 0
@@ -102,18 +114,18 @@ class Completer:
     def _complete(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor):
         ids = batch["sample_id"].tolist()
         picked = P.select(self.c.policy, eps, batch["sample_id"], self.seed, state.epoch).tolist()
-        fresh = self.bank.fresh(ids, state.epoch, self.c.refresh_every_epochs)
+        fresh = self.captions.fresh(ids, state.epoch, self.c.refresh_every_epochs)
         need = [i for i, (p, f) in enumerate(zip(picked, fresh)) if p and not f][:self.c.per_step_budget]
         device = batch["image"].device
         if self.c.per_step_budget and D.all_reduce_max(len(need), device) > 0:
-            self._caption_into_bank(model, batch, need, state)
-        rows = [i for i, p in enumerate(picked) if p and ids[i] in self.bank]
+            self._caption_into_store(model, batch, need, state)
+        rows = [i for i, p in enumerate(picked) if p and ids[i] in self.captions]
         changed = torch.zeros(len(ids), dtype=torch.bool, device=device)
         batch["orig_input_ids"], batch["orig_attention_mask"] = batch["input_ids"], batch["attention_mask"]
         if rows:
             index = torch.tensor(rows, device=device)
             new_ids, new_mask = P.caption_rows(self.c.policy, batch["input_ids"][index].cpu(),
-                                               self.bank.get([ids[i] for i in rows]), bos_id=self.tokenizer.bos_id,
+                                               self.captions.get([ids[i] for i in rows]), bos_id=self.tokenizer.bos_id,
                                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                                                special=self.special)
             batch["input_ids"] = batch["input_ids"].index_copy(0, index, new_ids.to(device))
@@ -127,9 +139,9 @@ class Completer:
         self._steps += 1
         return batch, omega
 
-    def _caption_into_bank(self, model, batch: dict, need: list[int], state) -> None:
+    def _caption_into_store(self, model, batch: dict, need: list[int], state) -> None:
         """Generate for this rank's `need` rows (lockstep with the other ranks) and gather every rank's new
-        captions into the bank, padded to per_step_budget rows per rank."""
+        captions into the store, padded to per_step_budget rows per rank."""
         device, budget = batch["image"].device, self.c.per_step_budget
         index = torch.tensor(need or [0], device=device)  # no work: one dummy row keeps the decoder in step
         tokens = self.generate(model, batch["image"][index], batch["concept_ids"][index],
@@ -140,7 +152,7 @@ class Completer:
             ids[:len(need)] = batch["sample_id"][index]
             rows[:len(need)] = tokens
         ids, rows = D.all_gather_tensor(ids), D.all_gather_tensor(rows)  # (world * budget,), (world * budget, L)
-        self.bank.put(ids.cpu(), rows.cpu(), state.epoch, state.step)
+        self.captions.put(ids.cpu(), rows.cpu(), state.epoch, state.step)
         self.generated += int((ids >= 0).sum())
 
     def generate(self, model, images: torch.Tensor, concept_ids: torch.Tensor, concept_mask: torch.Tensor,
@@ -149,10 +161,9 @@ class Completer:
         by (seed, step, rank) so a resumed run draws the same. Lockstep: every rank must call this together."""
         generator = torch.Generator(device=images.device)
         generator.manual_seed(generation_seed(self.seed, step, D.get_rank()))
-        with inference(model):
-            out = model.generate(images, concept_ids, concept_mask, strategy=self.c.strategy, top_p=self.c.top_p,
-                                 num_beams=self.c.num_beams, min_tokens=self.c.min_tokens, max_tokens=self.c.max_tokens,
-                                 generator=generator, sync_fn=lambda unfinished: self._any_rank(unfinished, images))
+        with inference(model), self.hold(model.decoder):
+            out = model.generate(images, concept_ids, concept_mask, self.options, generator=generator,
+                                 sync_fn=lambda unfinished: self._any_rank(unfinished, images))
         padded = torch.full((out.shape[0], self.c.max_tokens), self.tokenizer.pad_id, dtype=torch.long,
                             device=out.device)
         padded[:, :out.shape[1]] = out
@@ -178,9 +189,9 @@ class Completer:
 
     def log(self, sink, step: int) -> None:
         """At a log step, on every rank together: completion/generated (cumulative over the run, all ranks),
-        completion/bank_size, completion/replaced (share of pairs that trained on a synthetic caption since the
+        completion/stored_captions, completion/replaced (share of pairs that trained on a synthetic caption since the
         last log, all ranks) and the pending text panels."""
-        metrics = {"completion/generated": self.generated, "completion/bank_size": len(self.bank)}
+        metrics = {"completion/generated": self.generated, "completion/stored_captions": len(self.captions)}
         if self._steps:
             share = self._changed_share.detach().float().reshape(1) / self._steps
             if D.get_world_size() > 1:
@@ -196,11 +207,11 @@ class Completer:
     # ------------------------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        return {"concepts": self.cache.state_dict(), "captions": self.bank.state_dict(), "generated": self.generated}
+        return {"concepts": self.cache.state_dict(), "captions": self.captions.state_dict(), "generated": self.generated}
 
     def load_state_dict(self, state: dict) -> None:
         self.cache.load_state_dict(state["concepts"])
-        self.bank.load_state_dict(state["captions"])
+        self.captions.load_state_dict(state["captions"])
         self.generated = int(state["generated"])
 
 

@@ -102,7 +102,7 @@ def shard_captions(pattern: str, errors: Counter, progress=None) -> Iterator[str
 
 
 def run_concepts(args: argparse.Namespace) -> int:
-    from nlip_ds.completion.concepts import build_vocabulary, write_vocabulary
+    from nlip_ds.data.vocabulary import build_vocabulary, write_vocabulary
 
     errors: Counter = Counter()
     try:

@@ -15,16 +15,9 @@ import torch
 
 from nlip_ds.distributed import all_gather_object
 from nlip_ds.eval.data import EvalRecord, Problems, image_batches
+from nlip_ds.model.generation import GenerationOptions
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateOptions:
-    strategy: str = "greedy"
-    max_tokens: int = 20
-    min_tokens: int = 1
-    num_beams: int = 3
 
 
 @dataclass
@@ -54,7 +47,7 @@ def embed_texts(model, tokenizer, texts: list[str], context_length: int, batch_s
 @torch.no_grad()
 def embed_records(model, tokenizer, records: Iterable[EvalRecord], *, batch_size: int, device,
                   need_captions: bool = False, embed_captions: bool = False,
-                  generate: Optional[GenerateOptions] = None) -> Embedded:
+                  generate: Optional[GenerationOptions] = None) -> Embedded:
     """This rank's share: image embeddings, caption embeddings (embed_captions), generated captions."""
     problems = Problems()
     size, context = model.config.vision.image_size, model.config.text.context_length
@@ -67,8 +60,7 @@ def embed_records(model, tokenizer, records: Iterable[EvalRecord], *, batch_size
         parts["where"] += [r.where for r in kept]
         parts["captions"] += [r.captions for r in kept]
         if generate is not None:
-            ids = model.generate(images, strategy=generate.strategy, max_tokens=generate.max_tokens,
-                                 min_tokens=generate.min_tokens, num_beams=generate.num_beams)
+            ids = model.generate(images, options=generate)
             parts["generated"] += tokenizer.decode(ids)
     flat = [c for caps in parts["captions"] for c in caps] if embed_captions else []
     owner = [i for i, caps in zip(parts["index"], parts["captions"]) for _ in caps] if embed_captions else []

@@ -13,7 +13,7 @@ MAX_LISTED = 10  # skipped files and per-class rows beyond this are in the JSON 
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{results['task']} on {results['data']}: {results['num_images']} images"
+    lines = [f"{', '.join(results['tasks'])} on {results['data']}: {results['num_images']} images"
              + (f", {results['num_captions']} captions" if "num_captions" in results else "")]
     lines += [f"  {name:<32} {value:8.4f}" for name, value in results["metrics"].items()]
     for name, reason in results.get("notes", {}).get("missing", {}).items():

@@ -17,15 +17,20 @@ from typing import Callable, Optional
 
 import torch
 
+from nlip_ds.choices import STRATEGIES
+
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 SyncFn = Callable[[bool], bool]
-STRATEGIES = ("greedy", "nucleus", "beam")
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
+    """How to decode: the one options type of NLIPModel.generate, noise-completion, `nlip-ds caption` and the
+    caption evaluation task. The defaults are noise-completion's sampling; evaluation decodes greedily
+    (eval.strategy and its siblings in config.py)."""
+
     strategy: str = "nucleus"
     max_tokens: int = 30          # generated tokens at most, [EOS] included
     min_tokens: int = 5           # [EOS] is forbidden before this many tokens
@@ -35,7 +40,7 @@ class GenerationOptions:
     length_penalty: float = 1.0   # beam score = sum log p / length ** length_penalty
 
     def validate(self) -> "GenerationOptions":
-        checks = [(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {STRATEGIES}"),
+        checks = [(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is not one of {tuple(STRATEGIES)}"),
                   (self.max_tokens >= 1, f"max_tokens {self.max_tokens} < 1"),
                   (0 <= self.min_tokens, f"min_tokens {self.min_tokens} < 0"),
                   (0 < self.top_p <= 1, f"top_p {self.top_p} not in (0, 1]"),

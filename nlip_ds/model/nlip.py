@@ -182,14 +182,14 @@ class NLIPModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, concept_ids: Optional[torch.Tensor] = None,
-                 concept_mask: Optional[torch.Tensor] = None, *, strategy: str = "nucleus",
-                 max_tokens: int = 30, min_tokens: int = 5, top_p: float = 0.9, num_beams: int = 3,
-                 repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-                 generator: Optional[torch.Generator] = None, sync_fn: Optional[SyncFn] = None) -> torch.Tensor:
+                 concept_mask: Optional[torch.Tensor] = None, options: Optional[GenerationOptions] = None, *,
+                 generator: Optional[torch.Generator] = None, sync_fn: Optional[SyncFn] = None,
+                 **fields) -> torch.Tensor:
         """Captions (B, L) as token ids after [BOS]: each row ends with [EOS] (unless cut at max_tokens), then
-        pad_id. See generation.py for the strategies and the lockstep contract of `sync_fn`."""
-        opts = GenerationOptions(strategy, max_tokens, min_tokens, top_p, num_beams, repetition_penalty,
-                                 length_penalty).validate()
+        pad_id. Decoding follows `options` (default GenerationOptions()) with any of its fields given by keyword
+        replaced. See generation.py for the strategies and the lockstep contract of `sync_fn`."""
+        opts = dataclasses.replace(options or GenerationOptions(), **fields).validate()
+        strategy, max_tokens, num_beams = opts.strategy, opts.max_tokens, opts.num_beams
         if max_tokens > self.decoder.max_length:
             raise ValueError(f"generate: max_tokens {max_tokens} exceeds model.decoder.max_length="
                              f"{self.decoder.max_length}")

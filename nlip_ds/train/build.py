@@ -31,8 +31,6 @@ def build_loaders(cfg: Config, tokenizer, topo: D.Topology) -> dict:
                   world_size=topo.world_size)
     loaders = {"train": build_loader(cfg.data, "train", batch_size=cfg.train.micro_batch_size, train=True,
                                      **common)}
-    if cfg.eval.enabled and cfg.data.test:
-        loaders["test"] = build_loader(cfg.data, "test", batch_size=cfg.eval.batch_size, train=False, **common)
     return loaders
 
 

@@ -29,6 +29,7 @@ from nlip_ds.train.preempt import Preemption
 from nlip_ds.train.refit import report_refit
 from nlip_ds.train.state import RunState
 from nlip_ds.train.task import NLIPTask
+from nlip_ds.train.zero import held
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,20 @@ def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
         write_resolved(cfg, cfg.train.output_dir)
     tokenizer = build_tokenizer(cfg)
     loaders = build_loaders(cfg, tokenizer, topo)
+    check_eval_inputs(cfg)
     ds_config = E.build_ds_config(cfg, topo.world_size)
     model = build_model(cfg, tokenizer)
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
     noise = NoiseEstimator(cfg.noise)
     engine = E.initialize(NLIPTask(model, cfg, noise), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
-    state = RunState.create(noise, completion=Completer(cfg, tokenizer) if cfg.completion.enabled else None)
+    completion = Completer(cfg, tokenizer, hold=held) if cfg.completion.enabled else None
+    state = RunState.create(noise, completion=completion)
     resume(engine, cfg, state, loaders["train"])
     watch.step = lambda: state.step
     sink = MetricSink(cfg.train.output_dir, enabled=topo.is_main, tensorboard=cfg.monitor.tensorboard)
     try:
         run_epochs(engine, cfg, state, loaders["train"], sink, topo)
-        results = evaluate(engine, cfg, tokenizer, loaders, sink, state)
+        results = evaluate(engine, cfg, sink, state, topo)
     finally:
         sink.close()
     return write_summary(cfg, state, results, topo)
@@ -205,16 +208,25 @@ def to_device(batch: dict, device) -> dict:
 # ------------------------------------------------------------------------------ evaluation, summary
 
 
-def evaluate(engine, cfg: Config, tokenizer, loaders: dict, sink: MetricSink, state: RunState) -> dict:
-    if not cfg.eval.enabled or "test" not in loaders:
-        return {}
-    from nlip_ds.eval.runner import run_eval
+def check_eval_inputs(cfg: Config) -> None:
+    """Refuse a missing test split, class file or probe data now rather than after training."""
+    from nlip_ds.eval import end_of_training
 
-    engine.eval()
-    results = run_eval(engine.module.model, cfg, tokenizer, loaders["test"])
-    engine.train()
-    sink.log({f"eval/{k}": v for k, v in results.items()}, state.step)
-    return results
+    if end_of_training.enabled(cfg):
+        end_of_training.check_inputs(cfg)
+
+
+def evaluate(engine, cfg: Config, sink: MetricSink, state: RunState, topo: D.Topology) -> dict:
+    """Every task of eval.tasks on the checkpoint run_epochs just saved, as `nlip-ds eval` runs them."""
+    from nlip_ds.eval import end_of_training
+    from nlip_ds.eval.tasks import Runtime
+
+    if not end_of_training.enabled(cfg):
+        return {}
+    D.barrier()  # every rank's share of the checkpoint is committed before any rank reads it
+    results = end_of_training.evaluate_last_checkpoint(cfg, Runtime(engine.device, topo.rank, topo.world_size))
+    sink.log({f"eval/{k}": v for k, v in results["metrics"].items()}, state.step)
+    return results["metrics"]
 
 
 def write_summary(cfg: Config, state: RunState, results: dict, topo: D.Topology) -> dict:

@@ -1,9 +1,9 @@
-"""The caption bank: the latest synthetic caption of every sample, keyed by sample id, shared by all ranks.
+"""SyntheticCaptionStore: the latest synthetic caption of every sample, keyed by sample id, shared by all ranks.
 
 Why shared (every rank holds every caption) rather than per rank: the loader assigns shards to ranks anew each
 epoch (epoch-seeded shuffle, then split by node), so a sample rarely comes back to the rank that captioned it;
-a per-rank bank would regenerate almost every caption. Each generating step all-gathers the new rows (one
-collective, padded to the per-step budget), and every rank writes the same rows, so the bank is identical on
+a per-rank store would regenerate almost every caption. Each generating step all-gathers the new rows (one
+collective, padded to the per-step budget), and every rank writes the same rows, so the store is identical on
 every rank and goes into the checkpoint's shared state like the loss bank.
 
 Storage (CPU): a dict sample id -> slot and, per slot, the caption's token ids (max_tokens int32, padded),
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 
-class CaptionBank:
+class SyntheticCaptionStore:
     def __init__(self, max_tokens: int, pad_id: int):
         self.max_tokens = max_tokens
         self.pad_id = pad_id
@@ -65,7 +65,7 @@ class CaptionBank:
             self.epoch[slot], self.step[slot] = epoch, step
 
     def get(self, sample_ids: list[int]) -> torch.Tensor:
-        """(n, max_tokens) int64 token ids of ids that are in the bank (KeyError otherwise)."""
+        """(n, max_tokens) int64 token ids of ids that are in the store (KeyError otherwise)."""
         slots = torch.tensor([self._slot[sid] for sid in sample_ids], dtype=torch.long)
         return self.tokens[slots].long()
 
@@ -77,7 +77,7 @@ class CaptionBank:
 
     def load_state_dict(self, state: dict) -> None:
         if state["max_tokens"] != self.max_tokens:
-            raise ValueError(f"caption bank: the checkpoint stores captions of {state['max_tokens']} tokens, the "
+            raise ValueError(f"caption store: the checkpoint stores captions of {state['max_tokens']} tokens, the "
                              f"run asks for completion.max_tokens={self.max_tokens}; keep the value of the run")
         ids = state["ids"].tolist()
         self._slot = {sid: i for i, sid in enumerate(ids)}

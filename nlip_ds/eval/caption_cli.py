@@ -25,6 +25,8 @@ from typing import Iterator
 
 import torch
 
+from nlip_ds.choices import STRATEGIES
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,9 +41,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--concepts", help="concept vocabulary, one name per line (default: the shipped generic one)")
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--top-k", type=int, default=5, help="concepts per image (default 5)")
-    # generation.STRATEGIES, spelled out: importing nlip_ds.model here would load timm and transformers on
-    # every `nlip-ds` call just to build the parser
-    p.add_argument("--strategy", choices=("nucleus", "greedy", "beam"), default="nucleus",
+    p.add_argument("--strategy", choices=tuple(STRATEGIES), default="nucleus",
                    help="decoding: nucleus sampling (default, as noise-completion samples), greedy or beam")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--num-beams", type=int, default=3, help="beams of --strategy beam (default 3)")
@@ -98,9 +98,7 @@ def caption_batch(model, tokenizer, cache, images: torch.Tensor, args, generator
     """(concept names per image, caption per image) of one batch of normalized images (B, 3, S, S)."""
     top = cache.retrieve(model.encode_image(images), args.top_k)  # (B, k)
     concept_ids, concept_mask = cache.prefix(top, tokenizer, model.config.text.context_length)
-    ids = model.generate(images, concept_ids, concept_mask, strategy=args.strategy, max_tokens=args.max_tokens,
-                         min_tokens=args.min_tokens, top_p=args.top_p, num_beams=args.num_beams,
-                         generator=generator)
+    ids = model.generate(images, concept_ids, concept_mask, args.generation, generator=generator)
     return cache.names(top), tokenizer.decode(ids)
 
 
@@ -123,6 +121,9 @@ def caption_share(model, tokenizer, cache, args, rank: int, world_size: int, dev
 
 
 def _check(args) -> None:
+    """Refuse bad options by their flag, then keep the decoding options as one GenerationOptions."""
+    from nlip_ds.model.generation import GenerationOptions
+
     for name in ("top_k", "batch_size", "max_tokens", "num_beams"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -130,6 +131,8 @@ def _check(args) -> None:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
     if args.min_tokens > args.max_tokens:
         raise ValueError(f"--min-tokens {args.min_tokens} exceeds --max-tokens {args.max_tokens}")
+    args.generation = GenerationOptions(args.strategy, args.max_tokens, args.min_tokens, args.top_p,
+                                        args.num_beams).validate()
 
 
 def write_jsonl(lines: list[dict], out: Path) -> Path:
@@ -168,6 +171,6 @@ def _caption_and_write(args, topo, device) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nlip_ds.eval.cli import run_on_processes
+    from nlip_ds.distributed import run_on_processes
 
     return run_on_processes("caption", args.device, lambda topo, device: _caption_and_write(args, topo, device))
