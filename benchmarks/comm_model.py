@@ -12,7 +12,7 @@ Per step and rank, for ring collectives (each rank sends and receives (W-1)/W of
 - feature all-gather: image and text features (N x d each) in the forward, and their gradients
   reduce-scattered in the backward (nlip_ds.distributed.all_gather_with_grad);
 - per-sample loss all-gather: (sample id, loss, flag) as float64, N x 24 bytes (nlip_ds/noise/bank.py);
-- GMM refit: no bytes; every rank fits the identical bank (nlip_ds/train/refit.py).
+- GMM refit: no bytes; every rank fits the identical bank (nlip_ds/noise/estimator.py).
 
 `measure` spawns W gloo processes that run real training steps of the tiny config with every
 torch.distributed collective wrapped by a counter (installed before DeepSpeed is imported, which keeps

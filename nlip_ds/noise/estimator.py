@@ -64,6 +64,7 @@ class EpochSchedule:
         self.first_epoch = max(1, cfg.warmup_epochs)
 
     def at_epoch_start(self, noise: "NoiseEstimator", epoch: int) -> bool:
+        """Stamp later bank updates with `epoch`; whether a refit is due now."""
         noise.bank.set_epoch(epoch)
         return epoch >= self.first_epoch and noise.last_refit_epoch < epoch
 
