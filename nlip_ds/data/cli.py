@@ -80,11 +80,30 @@ def run_inspect(args: argparse.Namespace) -> int:
     if not Path(target).exists() and not any(c in target for c in "{:"):
         return _fail("inspect", FileNotFoundError(f"{target} does not exist"))
     try:
+        if args.verify:
+            return _verify(target, args.json)
         summary = shards.inspect(target, max_examples=args.examples)
     except USER_ERRORS as exc:
         return _fail("inspect", exc)
     print(json.dumps(summary, indent=1, ensure_ascii=False) if args.json else shards.format_inspect(summary))
+    for name, split in summary["splits"].items():
+        if split["index_samples"] not in (None, split["num_samples"]):
+            print(f"nlip-ds data inspect: warning: [{name}] the index lists {split['index_samples']} samples but "
+                  f"{split['num_samples']} are readable; run with --verify to find the damaged shards",
+                  file=sys.stderr)
     return 0
+
+
+def _verify(target: str, as_json: bool) -> int:
+    """Read every shard fully; exit status 1 when a shard is damaged."""
+    from nlip_ds.data.verify import format_verify, verify_split
+
+    splits = shards.split_shards(target)
+    with _progress_bar(sum(len(p) for p in splits.values()), "shards") as bar:
+        report = {"path": target, "splits": {name: verify_split(paths, progress=bar.update)
+                                             for name, paths in splits.items()}}
+    print(json.dumps(report, indent=1, ensure_ascii=False) if as_json else format_verify(report))
+    return 1 if any(s["damaged_shards"] for s in report["splits"].values()) else 0
 
 
 def shard_captions(pattern: str, errors: Counter, progress=None) -> Iterator[str]:
@@ -182,6 +201,9 @@ def _add_inspect(sub) -> None:
     p.add_argument("path", metavar="DIR_OR_SHARDS", help="folder, .tar file or brace pattern")
     p.add_argument("--examples", type=int, default=3, help="examples shown per split (default 3)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verify", action="store_true", help="read every shard to the end as the loader does and "
+                   "report per shard: samples read and usable against index.json, truncation, skips by the "
+                   "loader's reasons, duplicate sample ids; exit status 1 when a shard is damaged")
     p.set_defaults(func=run_inspect)
 
 
