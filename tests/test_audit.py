@@ -114,7 +114,7 @@ def test_report_is_static_with_embedded_images(one_process):
     assert page.count("<img") == 13 and page.count("data:image/png;base64,") == 13  # histogram + 12 pairs
     assert not re.search(r"(src|href)=['\"](https?:|//)", page) and "<script" not in page
     assert page.count("class='recaption'") == 12 and "most suspicious pairs" in page
-    assert "Detection against ground truth" in page and (one_process / "histogram.png").is_file()
+    assert "Detection of noisy pairs against ground truth (this audit" in page and (one_process / "histogram.png").is_file()
     shown = re.findall(r"clean probability <b>([0-9.]+)</b>", page)
     assert [float(p) for p in shown] == sorted(float(p) for p in shown)
 
@@ -160,3 +160,38 @@ def test_two_processes_give_the_one_process_scores(one_process, random_export, s
     assert two["clean_prob"] == pytest.approx(one["clean_prob"], abs=1e-4)
     assert sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def _chromium(browser: str, tmp_path: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", *args], capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.browser
+def test_report_renders_in_a_browser(one_process, tmp_path):
+    """The page loads from disk in headless Chromium, every image decodes (a probe script added to a copy
+    writes each image's natural size into the DOM), and a screenshot is saved beside the report."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (scripts/test.sh installs Debian's chromium when run as root)")
+    probe = ("<script>window.addEventListener('load', () => { const s = [...document.images].map(i => "
+             "i.naturalWidth + 'x' + i.naturalHeight); document.body.setAttribute('data-images', s.join(' ')); "
+             "});</script></body>")
+    page = (one_process / "report.html").read_text().replace("</body>", probe)
+    (tmp_path / "probe.html").write_text(page)
+    dom = _chromium(browser, tmp_path, "--virtual-time-budget=10000", "--dump-dom",
+                    (tmp_path / "probe.html").as_uri()).stdout
+    sizes = re.search(r'data-images="([^"]*)"', dom).group(1).split()
+    assert len(sizes) == 13 and sizes[0] == "640x400", sizes  # the histogram, then the 12 pairs' thumbnails
+    assert all(int(w) > 0 and int(h) > 0 for w, h in (s.split("x") for s in sizes))
+    shot = one_process / "report.png"
+    _chromium(browser, tmp_path, "--window-size=1280,1600", "--hide-scrollbars", f"--screenshot={shot}",
+              (one_process / "report.html").as_uri())
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size == (1280, 1600)
+        colors = img.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colors is None or len(colors) > 50, "the screenshot is blank"

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 from nlip_ds.data.scores import FORMATS, resolve_format, write_table
@@ -71,10 +72,11 @@ def run_audit(opts, topo, device) -> int:
     audit.check_meta(opts.out, meta, write=topo.is_main)
     barrier()
     scorer = audit.Scorer(loaded.model, loaded.tokenizer, opts, device)
+    start = time.monotonic()
     num_batches = audit.score_share(scorer, opts, topo.rank, topo.world_size)
     barrier()
     if topo.is_main:
-        summary = finish(opts, loaded, scorer, num_batches, topo.world_size)
+        summary = finish(opts, loaded, scorer, num_batches, topo.world_size, time.monotonic() - start)
         print(f"audit of {summary['pairs']} pairs ({summary['skipped']} skipped): estimated noise rate "
               f"{summary['mixture']['noise_rate']:.3f}"
               + (f", detection AUC {summary['detection']['audit']['auc']:.3f}" if "audit" in summary["detection"]
@@ -84,8 +86,9 @@ def run_audit(opts, topo, device) -> int:
     return 0
 
 
-def finish(opts, loaded, scorer, num_batches: int, world_size: int) -> dict:
-    """Join the parts, fit, write the scores table, summary.json, histogram.png and report.html."""
+def finish(opts, loaded, scorer, num_batches: int, world_size: int, seconds: float) -> dict:
+    """Join the parts, fit, write the scores table, summary.json, histogram.png and report.html. `seconds`: the
+    scoring pass's wall time (all ranks; batches scored before a resume not included)."""
     import torch
 
     from nlip_ds.eval import audit
@@ -110,15 +113,16 @@ def finish(opts, loaded, scorer, num_batches: int, world_size: int) -> dict:
         del columns["noise_type"]
     fmt = resolve_format(opts.format)
     scores_file = write_table(columns, opts.out, fmt)
-    metrics = {"audit": audit.detection(clean, flags)} if has_truth else {}
+    metrics = {"audit": audit.detection(clean, flags)} if has_truth else {}  # noisy = clean probability < 0.5
     if estimate is not None and has_truth:
         train = torch.tensor(columns["train_clean_prob"], dtype=torch.float64)
         known = ~torch.isnan(train)
-        metrics["training-time estimate"] = audit.detection(train[known], flags[known])
+        metrics["training_estimate"] = audit.detection(train[known], flags[known])
     histogram = opts.out / "histogram.png"
     render_fit_histogram(fit, torch.tensor(columns["loss"]), flags if has_truth else None, path=histogram)
     summary = {"checkpoint": str(opts.checkpoint), "step": loaded.step, "data": opts.data, "pairs": len(clean),
                "skipped": len(problems), "batch_size": opts.batch_size, "world_size": world_size,
+               "scoring_seconds": round(seconds, 3),
                "gmm": {"reg_covar": noise_cfg.reg_covar, "tol": noise_cfg.tol, "max_iter": noise_cfg.max_iter,
                        "from": "the run's noise.* config" if cfg is not None else "noise.* defaults (export)"},
                "mixture": {"noise_rate": fit.noise_rate, "means": list(fit.means), "variances": list(fit.variances),
@@ -132,5 +136,7 @@ def finish(opts, loaded, scorer, num_batches: int, world_size: int) -> dict:
             "pairs scored": len(clean), "samples skipped": len(problems), "batch size": opts.batch_size,
             "estimated noise rate": fit.noise_rate, "pairs with clean probability < 0.5": int((clean < 0.5).sum()),
             "training-time estimate": summary["training_estimate"], "scores": f"{scores_file.name} ({fmt})"}
-    write_report(opts.out / "report.html", info, metrics, histogram.read_bytes(), suspicious)
+    titles = {"audit": "this audit's clean probability", "training_estimate": "the run's training-time estimate"}
+    write_report(opts.out / "report.html", info, {titles[k]: v for k, v in metrics.items()}, histogram.read_bytes(),
+                 suspicious)
     return summary

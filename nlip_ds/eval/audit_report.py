@@ -75,7 +75,8 @@ def write_report(path: Path, info: dict, metrics: dict, histogram_png: bytes, su
                 "<h2>Per-pair loss and the fitted mixture</h2>"
                 f"<img id='histogram' alt='loss histogram with the fitted mixture' src='{png_data_uri(histogram_png)}'>"]
     for name, values in metrics.items():
-        sections.append(f"<h2>Detection against ground truth: {html.escape(name)}</h2>{_table(values)}")
+        sections.append(f"<h2>Detection of noisy pairs against ground truth ({html.escape(name)})</h2>"
+                        f"{_table(values)}")
     sections.append(f"<h2>The {len(suspicious)} most suspicious pairs (lowest clean probability first)</h2>"
                     f"<div class='grid'>{''.join(_pair(p) for p in suspicious)}</div>")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>nlip-ds audit</title>"
