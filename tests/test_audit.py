@@ -114,7 +114,8 @@ def test_report_is_static_with_embedded_images(one_process):
     assert page.count("<img") == 13 and page.count("data:image/png;base64,") == 13  # histogram + 12 pairs
     assert not re.search(r"(src|href)=['\"](https?:|//)", page) and "<script" not in page
     assert page.count("class='recaption'") == 12 and "most suspicious pairs" in page
-    assert "Detection of noisy pairs against ground truth (this audit" in page and (one_process / "histogram.png").is_file()
+    assert "Detection of noisy pairs against ground truth (this audit" in page
+    assert (one_process / "histogram.png").is_file()
     shown = re.findall(r"clean probability <b>([0-9.]+)</b>", page)
     assert [float(p) for p in shown] == sorted(float(p) for p in shown)
 
@@ -195,3 +196,34 @@ def test_report_renders_in_a_browser(one_process, tmp_path):
         assert img.size == (1280, 1600)
         colors = img.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colors is None or len(colors) > 50, "the screenshot is blank"
+
+
+@pytest.mark.slow
+def test_run_folder_audit_reads_the_training_time_estimate(synth_dir, tmp_path):
+    """Two epochs with a refit after the first: on its own training split the audit adds the bank's last
+    estimate per sample id; on another split it says why there is none."""
+    run_dir = tmp_path / "run"
+    _run(sys.executable, "-m", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
+         f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
+         f"data.tokenizer={tmp_path / 'tokenizer'}", f"train.output_dir={run_dir}", "train.epochs=2",
+         "noise.warmup_epochs=1", "train.micro_batch_size=25", "data.workers=0", "eval.enabled=false",
+         "monitor.progress=false")
+    audit = ["audit", "--checkpoint", run_dir, "--batch-size", "50", "--top", "3", "--format", "jsonl"]
+    _run(sys.executable, "-m", "nlip_ds.cli", *audit, "--data", synth_dir / "train", "--out", tmp_path / "own")
+    table = read_table(tmp_path / "own" / "scores.jsonl")
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert set(table) == COLUMNS | {"train_clean_prob"} and len(table["loss"]) == 250
+    assert all(0.0 <= p <= 1.0 for p in table["train_clean_prob"])
+    assert summary["training_estimate"].startswith("the last refit saved in") and summary["step"] > 0
+    assert summary["gmm"]["from"] == "the run's noise.* config"
+    assert set(summary["detection"]) == {"audit", "training_estimate"}
+    import torch
+
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(next((run_dir / "checkpoints" / tag).glob("*model_states.pt")), weights_only=False)
+    eps = dict(zip(state["noise"]["ids"].tolist(), state["noise"]["eps"].tolist()))
+    assert table["train_clean_prob"] == pytest.approx([1 - eps[i] for i in table["sample_id"]], abs=1e-6)
+    _run(sys.executable, "-m", "nlip_ds.cli", *audit, "--data", synth_dir / "val", "--out", tmp_path / "val")
+    summary = json.loads((tmp_path / "val" / "summary.json").read_text())
+    assert "not the run's training set" in summary["training_estimate"] and summary["detection"] == {}
+    assert "train_clean_prob" not in read_table(tmp_path / "val" / "scores.jsonl")

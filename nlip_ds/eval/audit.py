@@ -284,10 +284,11 @@ def fit_losses(losses: list[float], noise_cfg):
 
 
 def detection(clean: torch.Tensor, flags: torch.Tensor) -> dict:
-    """AUC, precision and recall of "noisy" = clean probability below 0.5, over pairs with ground truth."""
+    """AUC, precision and recall of "noisy" = clean probability below 0.5, over pairs with ground truth; {}
+    unless the ground truth holds both clean and noisy pairs (a clean split: nothing to detect)."""
     from nlip_ds.noise.metrics import detection_auc, detection_precision_recall
 
-    if not bool((flags >= 0).any()):
+    if not (bool((flags == 0).any()) and bool((flags > 0).any())):
         return {}
     noisy = 1.0 - clean
     precision, recall = detection_precision_recall(noisy, flags)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nlip_ds.data.scores import FORMATS, resolve_format, write_table
@@ -86,57 +87,94 @@ def run_audit(opts, topo, device) -> int:
     return 0
 
 
-def finish(opts, loaded, scorer, num_batches: int, world_size: int, seconds: float) -> dict:
-    """Join the parts, fit, write the scores table, summary.json, histogram.png and report.html. `seconds`: the
-    scoring pass's wall time (all ranks; batches scored before a resume not included)."""
-    import torch
+@dataclass
+class Scored:
+    """The joined audit: score columns, skipped samples, the mixture and where its inputs came from."""
+    columns: dict
+    problems: list
+    fit: object  # nlip_ds.noise.gmm.GMMFit
+    clean: object  # (n,) float64 tensor
+    flags: object  # (n,) ground truth: 1 noisy, 0 clean, -1 unknown
+    gmm: dict  # the fit's settings and their source
+    estimate: str  # where the training-time estimate came from, or why there is none
 
-    from nlip_ds.eval import audit
+
+def score_columns(opts, loaded, num_batches: int) -> Scored:
+    """Join the parts, fit the mixture with the run's settings, add the training-time estimate."""
     from nlip_ds.config import NoiseConfig
-    from nlip_ds.eval.audit_report import write_report
-    from nlip_ds.noise.plots import render_fit_histogram
+    from nlip_ds.eval import audit
 
     columns, problems = audit.joined_rows(opts.out, num_batches)
     if len(columns["loss"]) < 2:
         raise ValueError(f"{opts.data}: {len(columns['loss'])} readable pair(s); the mixture needs at least 2")
     cfg = audit.run_config(loaded)
-    noise_cfg = cfg.noise if cfg is not None else NoiseConfig()
-    fit, clean = audit.fit_losses(columns["loss"], noise_cfg)
+    noise = cfg.noise if cfg is not None else NoiseConfig()
+    fit, clean = audit.fit_losses(columns["loss"], noise)
     columns["clean_prob"] = clean.tolist()
     estimate, why = audit.training_estimate(loaded, cfg, opts.data, opts.tag)
     if estimate is not None:
         columns["train_clean_prob"] = [estimate.get(i, math.nan) for i in columns["sample_id"]]
     logger.info("training-time estimate: %s", "read from " + why if estimate is not None else f"none ({why})")
     flags = audit.noise_flags(columns["noise_type"])
-    has_truth = bool((flags >= 0).any())
-    if not has_truth:
+    if not bool((flags >= 0).any()):
         del columns["noise_type"]
-    fmt = resolve_format(opts.format)
-    scores_file = write_table(columns, opts.out, fmt)
-    metrics = {"audit": audit.detection(clean, flags)} if has_truth else {}  # noisy = clean probability < 0.5
-    if estimate is not None and has_truth:
-        train = torch.tensor(columns["train_clean_prob"], dtype=torch.float64)
+    gmm = {"reg_covar": noise.reg_covar, "tol": noise.tol, "max_iter": noise.max_iter,
+           "from": "the run's noise.* config" if cfg is not None else "noise.* defaults (export)"}
+    return Scored(columns, problems, fit, clean, flags, gmm, why if estimate is not None else f"none: {why}")
+
+
+def detection_metrics(scored: Scored) -> dict:
+    """{"audit": ..., "training_estimate": ...}, each only when the ground truth can judge it."""
+    import torch
+
+    from nlip_ds.eval import audit
+
+    metrics = {"audit": audit.detection(scored.clean, scored.flags)}
+    if "train_clean_prob" in scored.columns:
+        train = torch.tensor(scored.columns["train_clean_prob"], dtype=torch.float64)
         known = ~torch.isnan(train)
-        metrics["training_estimate"] = audit.detection(train[known], flags[known])
-    histogram = opts.out / "histogram.png"
-    render_fit_histogram(fit, torch.tensor(columns["loss"]), flags if has_truth else None, path=histogram)
-    summary = {"checkpoint": str(opts.checkpoint), "step": loaded.step, "data": opts.data, "pairs": len(clean),
-               "skipped": len(problems), "batch_size": opts.batch_size, "world_size": world_size,
-               "scoring_seconds": round(seconds, 3),
-               "gmm": {"reg_covar": noise_cfg.reg_covar, "tol": noise_cfg.tol, "max_iter": noise_cfg.max_iter,
-                       "from": "the run's noise.* config" if cfg is not None else "noise.* defaults (export)"},
+        metrics["training_estimate"] = audit.detection(train[known], scored.flags[known])
+    return {name: values for name, values in metrics.items() if values}
+
+
+def finish(opts, loaded, scorer, num_batches: int, world_size: int, seconds: float) -> dict:
+    """Write the scores table, summary.json, histogram.png and report.html; returns the summary. `seconds`:
+    the scoring pass's wall time (all ranks; batches scored before a resume not included)."""
+    import torch
+
+    from nlip_ds.eval import audit
+    from nlip_ds.noise.plots import render_fit_histogram
+
+    scored = score_columns(opts, loaded, num_batches)
+    fit, fmt = scored.fit, resolve_format(opts.format)
+    scores_file = write_table(scored.columns, opts.out, fmt)
+    metrics = detection_metrics(scored)
+    has_truth = "noise_type" in scored.columns
+    render_fit_histogram(fit, torch.tensor(scored.columns["loss"]), scored.flags if has_truth else None,
+                         path=opts.out / "histogram.png")
+    summary = {"checkpoint": str(opts.checkpoint), "step": loaded.step, "data": opts.data,
+               "pairs": len(scored.clean), "skipped": len(scored.problems), "batch_size": opts.batch_size,
+               "world_size": world_size, "scoring_seconds": round(seconds, 3), "gmm": scored.gmm,
                "mixture": {"noise_rate": fit.noise_rate, "means": list(fit.means), "variances": list(fit.variances),
                            "loss_bounds": list(fit.bounds), "converged": fit.converged},
-               "training_estimate": why if estimate is not None else f"none: {why}",
-               "detection": metrics, "scores_file": str(scores_file), "scores_format": fmt,
-               "skipped_samples": [{"sample": w, "reason": r} for w, r in problems]}
+               "training_estimate": scored.estimate, "detection": metrics, "scores_file": str(scores_file),
+               "scores_format": fmt, "skipped_samples": [{"sample": w, "reason": r} for w, r in scored.problems]}
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    suspicious = audit.most_suspicious(columns, opts.top, scorer, opts)
-    info = {"checkpoint": summary["checkpoint"], "checkpoint step": loaded.step, "data": opts.data,
-            "pairs scored": len(clean), "samples skipped": len(problems), "batch size": opts.batch_size,
-            "estimated noise rate": fit.noise_rate, "pairs with clean probability < 0.5": int((clean < 0.5).sum()),
-            "training-time estimate": summary["training_estimate"], "scores": f"{scores_file.name} ({fmt})"}
-    titles = {"audit": "this audit's clean probability", "training_estimate": "the run's training-time estimate"}
-    write_report(opts.out / "report.html", info, {titles[k]: v for k, v in metrics.items()}, histogram.read_bytes(),
-                 suspicious)
+    write_page(opts, loaded, scorer, scored, summary)
     return summary
+
+
+def write_page(opts, loaded, scorer, scored: Scored, summary: dict) -> None:
+    from nlip_ds.eval import audit
+    from nlip_ds.eval.audit_report import write_report
+
+    info = {"checkpoint": summary["checkpoint"], "checkpoint step": loaded.step, "data": opts.data,
+            "pairs scored": summary["pairs"], "samples skipped": summary["skipped"], "batch size": opts.batch_size,
+            "estimated noise rate": scored.fit.noise_rate,
+            "pairs with clean probability < 0.5": int((scored.clean < 0.5).sum()),
+            "training-time estimate": scored.estimate,
+            "scores": f"{Path(summary['scores_file']).name} ({summary['scores_format']})"}
+    titles = {"audit": "this audit's clean probability", "training_estimate": "the run's training-time estimate"}
+    suspicious = audit.most_suspicious(scored.columns, opts.top, scorer, opts)
+    write_report(opts.out / "report.html", info, {titles[k]: v for k, v in summary["detection"].items()},
+                 (opts.out / "histogram.png").read_bytes(), suspicious)

@@ -71,9 +71,8 @@ def _pair(p: dict) -> str:
 
 def write_report(path: Path, info: dict, metrics: dict, histogram_png: bytes, suspicious: list[dict]) -> Path:
     """Write the page; `info` and `metrics` are flat dicts shown as tables, `suspicious` the pairs to show."""
-    sections = [f"<h1>nlip-ds audit</h1>{_table(info)}",
-                "<h2>Per-pair loss and the fitted mixture</h2>"
-                f"<img id='histogram' alt='loss histogram with the fitted mixture' src='{png_data_uri(histogram_png)}'>"]
+    histogram = f"<img id='histogram' alt='loss histogram and fitted mixture' src='{png_data_uri(histogram_png)}'>"
+    sections = [f"<h1>nlip-ds audit</h1>{_table(info)}", f"<h2>Per-pair loss and the fitted mixture</h2>{histogram}"]
     for name, values in metrics.items():
         sections.append(f"<h2>Detection of noisy pairs against ground truth ({html.escape(name)})</h2>"
                         f"{_table(values)}")
