@@ -227,3 +227,20 @@ def test_run_folder_audit_reads_the_training_time_estimate(synth_dir, tmp_path):
     summary = json.loads((tmp_path / "val" / "summary.json").read_text())
     assert "not the run's training set" in summary["training_estimate"] and summary["detection"] == {}
     assert "train_clean_prob" not in read_table(tmp_path / "val" / "scores.jsonl")
+
+
+def test_damaged_shard_is_audited_up_to_the_damage(cli, random_export, synth_dir, tmp_path):
+    """A cut shard gives its readable head; a sample cut in half is skipped and named; a clean split gets no
+    detection metrics (nothing to detect)."""
+    data = tmp_path / "val"
+    shutil.copytree(synth_dir / "val", data)
+    second = data / "val-000001.tar"
+    second.write_bytes(second.read_bytes()[:12000])  # two whole samples, then one cut in its .json
+    status, out, err = cli("audit", "--checkpoint", random_export, "--data", data, "--out", tmp_path / "a",
+                           "--batch-size", "16", "--top", "2", "--format", "jsonl")
+    assert status == 0, err
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    table = read_table(tmp_path / "a" / "scores.jsonl")
+    assert summary["pairs"] == 32 and len(table["loss"]) == 32 and summary["skipped"] == 1
+    assert summary["detection"] == {} and set(table["noise_type"]) == {"clean"}
+    assert all(s["sample"].startswith(str(second)) for s in summary["skipped_samples"])

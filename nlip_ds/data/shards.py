@@ -494,9 +494,8 @@ def _inspect_shards(paths: list[Path], max_examples: int) -> dict:
                 noise[meta["noise_type"]] += 1
             if len(examples) < max_examples:
                 examples.append(_example(sample, caption, meta))
-    listed = _index_total(paths)
     return {"shards": [str(p) for p in paths], "num_shards": len(paths), "num_samples": count,
-            "index_samples": listed,
+            "index_samples": _index_total(paths),
             "caption_words": _stats(words), "noise_types": dict(sorted(noise.items())),
             "read_errors": dict(errors), "duplicate_keys": len(duplicates), "duplicates": duplicates[:max_examples],
             "examples": examples}

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -68,7 +69,7 @@ class AuditOptions:
 def raw_pairs(data: str) -> Iterator[tuple[int, Path, dict]]:
     """(index, shard, raw sample) of every sample of the shards of `data`, in the fixed audit order."""
     index = 0
-    errors: dict = {}
+    errors: Counter = Counter()  # a read error ends its shard; iter_tar_samples logs it, naming the shard
     for source in expand_pattern(data):
         for shard in source:
             for raw in iter_tar_samples(shard, errors):
@@ -352,7 +353,7 @@ def most_suspicious(columns: dict[str, list], top: int, scorer: Scorer, opts: Au
     picked = [{name: values[i] for name, values in columns.items()} for i in order[:top]]
     wanted = {(p["shard"], p["key"]): p for p in picked}
     for shard in dict.fromkeys(p["shard"] for p in picked):
-        for raw in iter_tar_samples(Path(shard), {}):
+        for raw in iter_tar_samples(Path(shard), Counter()):
             pair = wanted.get((shard, raw["__key__"]))
             if pair is not None:
                 try:
