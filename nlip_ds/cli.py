@@ -4,6 +4,7 @@
     nlip-ds train --config configs/tiny-cpu.yaml [section.key=value ...]
     nlip-ds export --checkpoint RUN_DIR --out DIR
     nlip-ds caption --checkpoint RUN_OR_EXPORT --images DIR_OR_SHARDS --out captions.jsonl
+    nlip-ds audit --checkpoint RUN_OR_EXPORT --data DIR_OR_SHARDS --out DIR   per-pair noise scores + report
     nlip-ds config [--config FILE] [section.key=value ...]     print the resolved config, or --keys
 
 Under the DeepSpeed launcher: deepspeed --num_gpus G --module nlip_ds.cli train --config ...
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     from nlip_ds.eval.caption_cli import add_subcommand as add_caption_command
     add_caption_command(sub)
+    from nlip_ds.eval.audit_cli import add_subcommand as add_audit_command
+    add_audit_command(sub)
 
     p = sub.add_parser("train", help="train a model (plain process, deepspeed, torchrun or SLURM srun)")
     _add_config_args(p)

@@ -1,5 +1,5 @@
-"""`nlip-ds data synth | shards | inspect | concepts`: make and look at the shards training reads, and build a
-concept vocabulary (noise-completion) from their captions.
+"""`nlip-ds data synth | shards | inspect | concepts | filter`: make and look at the shards training reads,
+build a concept vocabulary (noise-completion) from their captions, and copy them filtered by audit scores.
 
 The `nlip-ds` entry point calls `add_subcommands(subparsers)`; `python -m nlip_ds.data.cli data ...` runs the
 same commands alone. Each command's `func(args)` returns the exit status: a bad path or argument prints one
@@ -80,10 +80,46 @@ def run_inspect(args: argparse.Namespace) -> int:
     if not Path(target).exists() and not any(c in target for c in "{:"):
         return _fail("inspect", FileNotFoundError(f"{target} does not exist"))
     try:
+        if args.verify:
+            return _verify(target, args.json)
         summary = shards.inspect(target, max_examples=args.examples)
     except USER_ERRORS as exc:
         return _fail("inspect", exc)
     print(json.dumps(summary, indent=1, ensure_ascii=False) if args.json else shards.format_inspect(summary))
+    for name, split in summary["splits"].items():
+        if split["index_samples"] not in (None, split["num_samples"]):
+            print(f"nlip-ds data inspect: warning: [{name}] the index lists {split['index_samples']} samples but "
+                  f"{split['num_samples']} are readable; run with --verify to find the damaged shards",
+                  file=sys.stderr)
+    return 0
+
+
+def _verify(target: str, as_json: bool) -> int:
+    """Read every shard fully; exit status 1 when a shard is damaged."""
+    from nlip_ds.data.verify import format_verify, verify_split
+
+    splits = shards.split_shards(target)
+    with _progress_bar(sum(len(p) for p in splits.values()), "shards") as bar:
+        report = {"path": target, "splits": {name: verify_split(paths, progress=bar.update)
+                                             for name, paths in splits.items()}}
+    print(json.dumps(report, indent=1, ensure_ascii=False) if as_json else format_verify(report))
+    return 1 if any(s["damaged_shards"] for s in report["splits"].values()) else 0
+
+
+def run_filter(args: argparse.Namespace) -> int:
+    from nlip_ds.data.filter import FilterOptions, filter_dataset
+
+    opts = FilterOptions(scores=args.scores, data=args.data, out=Path(args.out), min_clean=args.min_clean,
+                         recaption_below=args.recaption_below, captions=args.captions, split=args.split,
+                         shard_size=args.shard_size, overwrite=args.overwrite)
+    try:
+        with _progress_bar(None, "pairs") as bar:
+            record = filter_dataset(opts, progress=bar.update)
+    except USER_ERRORS as exc:
+        return _fail("filter", exc)
+    print(f"read {record['read']} pairs of {args.data}: kept {record['kept']} ({record['recaptioned']} "
+          f"re-captioned), dropped {record['dropped']}, unscored {record['unscored']}\n"
+          f"wrote {record['shards']} shards to {record['out']}\nrecord: {Path(args.out) / 'filter.json'}")
     return 0
 
 
@@ -182,6 +218,9 @@ def _add_inspect(sub) -> None:
     p.add_argument("path", metavar="DIR_OR_SHARDS", help="folder, .tar file or brace pattern")
     p.add_argument("--examples", type=int, default=3, help="examples shown per split (default 3)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verify", action="store_true", help="read every shard to the end as the loader does and "
+                   "report per shard: samples read and usable against index.json, truncation, skips by the "
+                   "loader's reasons, duplicate sample ids; exit status 1 when a shard is damaged")
     p.set_defaults(func=run_inspect)
 
 
@@ -199,16 +238,40 @@ def _add_concepts(sub) -> None:
     p.set_defaults(func=run_concepts)
 
 
+def _add_filter(sub) -> None:
+    p = sub.add_parser("filter", help="copy the shards keeping the pairs an audit scores as clean",
+                       description="Write OUT/<split>/ shards (and index.json) holding the pairs of DATA whose "
+                       "clean probability in the `nlip-ds audit` scores is at least --min-clean; with "
+                       "--recaption-below P, pairs below P whose image has a caption in --captions (`nlip-ds "
+                       "caption` output over the same shards) are kept with that caption instead. Sample ids, keys "
+                       "and other members are kept; counts go to OUT/filter.json (docs/audit.md).")
+    p.add_argument("--scores", required=True, help="scores.parquet or scores.jsonl of `nlip-ds audit`")
+    p.add_argument("--data", required=True, metavar="DIR_OR_SHARDS", help="the audited split folder, .tar or "
+                   "brace pattern")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--min-clean", type=float, default=0.5, help="keep pairs with at least this clean "
+                   "probability (default 0.5)")
+    p.add_argument("--recaption-below", type=float, metavar="P", help="replace the caption of pairs below this "
+                   "clean probability with the one in --captions (and keep them)")
+    p.add_argument("--captions", metavar="CAPTIONS.jsonl", help="`nlip-ds caption --images DATA` output")
+    p.add_argument("--split", help="output split name (default: the data folder's name, else train)")
+    p.add_argument("--shard-size", type=int, default=shards.DEFAULT_SHARD_SIZE,
+                   help=f"samples per output shard (default {shards.DEFAULT_SHARD_SIZE})")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of the same split in OUT")
+    p.set_defaults(func=run_filter)
+
+
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
-    """Register `data` with its `synth`, `shards`, `inspect` and `concepts` subcommands; returns the `data`
-    parser."""
+    """Register `data` with its `synth`, `shards`, `inspect`, `concepts` and `filter` subcommands; returns the
+    `data` parser."""
     data = subparsers.add_parser("data", help="make and inspect training shards",
                                  description="Make and inspect the webdataset shards that training reads.")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,shards,inspect,concepts}", required=True)
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,shards,inspect,concepts,filter}", required=True)
     _add_synth(sub)
     _add_shards(sub)
     _add_inspect(sub)
     _add_concepts(sub)
+    _add_filter(sub)
     return data
 
 

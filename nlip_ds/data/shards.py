@@ -459,16 +459,20 @@ def iter_tar_samples(path: Path, errors: Counter) -> Iterator[dict]:
         yield current
 
 
-def inspect(path_or_pattern, max_examples: int = 3) -> dict:
-    """Counts, caption length statistics, noise types and examples of a dataset, per split."""
+def split_shards(path_or_pattern) -> dict[str, list[Path]]:
+    """Shard paths per split: a dataset root's split folders, or one folder, .tar or pattern as one split."""
     target = Path(str(path_or_pattern))
     if target.is_dir():
-        splits = _split_folders(target)
-    else:
-        name = target.stem if target.is_file() else "shards"
-        splits = {name: [p for source in expand_pattern(str(path_or_pattern)) for p in source]}
+        return _split_folders(target)
+    name = target.stem if target.is_file() else "shards"
+    return {name: [p for source in expand_pattern(str(path_or_pattern)) for p in source]}
+
+
+def inspect(path_or_pattern, max_examples: int = 3) -> dict:
+    """Counts, caption length statistics, noise types and examples of a dataset, per split."""
     return {"path": str(path_or_pattern),
-            "splits": {name: _inspect_shards(paths, max_examples) for name, paths in splits.items()}}
+            "splits": {name: _inspect_shards(paths, max_examples)
+                       for name, paths in split_shards(path_or_pattern).items()}}
 
 
 def _inspect_shards(paths: list[Path], max_examples: int) -> dict:
@@ -491,9 +495,24 @@ def _inspect_shards(paths: list[Path], max_examples: int) -> dict:
             if len(examples) < max_examples:
                 examples.append(_example(sample, caption, meta))
     return {"shards": [str(p) for p in paths], "num_shards": len(paths), "num_samples": count,
+            "index_samples": _index_total(paths),
             "caption_words": _stats(words), "noise_types": dict(sorted(noise.items())),
             "read_errors": dict(errors), "duplicate_keys": len(duplicates), "duplicates": duplicates[:max_examples],
             "examples": examples}
+
+
+def listed_counts(paths: list[Path]) -> dict[Path, Optional[int]]:
+    """Each shard's sample count in its folder's index.json; None for a shard that no index lists."""
+    indexes: dict[Path, dict] = {}
+    for folder in dict.fromkeys(p.parent for p in paths):
+        indexes[folder] = {s["name"]: s["num_samples"] for s in (read_index(folder) or {"shards": []})["shards"]}
+    return {p: indexes[p.parent].get(p.name) for p in paths}
+
+
+def _index_total(paths: list[Path]) -> Optional[int]:
+    """Samples that the index.json files list for `paths`; None when some shard is in no index."""
+    counts = list(listed_counts(paths).values())
+    return None if None in counts else sum(counts)
 
 
 def _meta(sample: dict, errors: Counter) -> dict:
