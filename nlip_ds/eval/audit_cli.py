@@ -55,7 +55,7 @@ def options(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from nlip_ds.eval.cli import run_on_processes  # the process-group runner of `nlip-ds eval` and `caption`
+    from nlip_ds.distributed import run_on_processes  # the process-group runner of `nlip-ds eval` and `caption`
 
     return run_on_processes("audit", args.device, lambda topo, device: run_audit(options(args), topo, device))
 
