@@ -33,6 +33,7 @@ TEST_REQUIRES = [
     "scikit-learn>=1.4",
     "pycocoevalcap>=1.2",
     "hypothesis>=6.100",
+    "pyarrow>=14",  # `nlip-ds audit` writes scores.parquet with it (JSONL without)
 ]
 
 # ---- kernel build section (fused contrastive loss, kernels/) ----------------------------------------------
@@ -90,7 +91,7 @@ setup(
     packages=find_packages(include=["nlip_ds", "nlip_ds.*"]),
     package_data={"nlip_ds": ["resources/*"], "nlip_ds.completion": ["default_concepts.txt"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "audit": ["pyarrow>=14"]},
     entry_points={"console_scripts": ["nlip-ds = nlip_ds.cli:entry"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
