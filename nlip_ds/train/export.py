@@ -1,6 +1,8 @@
-"""`nlip-ds export`: consolidate a ZeRO-3 run into the DeepSpeed-free NLIPModel format."""
+"""`nlip-ds export`: consolidate a ZeRO-3 run and write it as NLIPModel, transformers CLIP or open_clip
+(nlip_ds/interop/, docs/export.md)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -48,7 +50,15 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     return model, cfg, root / tag
 
 
-def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    model, cfg, _ = load_run_model(run_dir, tag)
-    model.save_pretrained(out_dir, tokenizer_dir=cfg.data.tokenizer)
-    return Path(out_dir)
+def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None, formats: tuple[str, ...] = ("nlip",),
+           open_clip_name: str | None = None) -> dict[str, Path]:
+    """{format: folder}: one format is written into `out_dir`, several into a sub-folder each."""
+    from nlip_ds.config import git_sha
+    from nlip_ds.interop.write import write_exports
+    from nlip_ds.interop.folder import Source
+
+    model, cfg, ckpt = load_run_model(run_dir, tag)
+    run_json = ckpt.parent.parent / "run.json"
+    train_sha = json.loads(run_json.read_text()).get("git_sha", "unknown") if run_json.is_file() else "unknown"
+    source = Source(str(Path(run_dir).resolve()), ckpt.name, train_sha, git_sha())
+    return write_exports(model, cfg.data.tokenizer, out_dir, list(formats), source, open_clip_name)
