@@ -20,6 +20,7 @@ from nlip_ds.eval.linear_probe import linear_probe
 from nlip_ds.eval.retrieval import multi_caption_retrieval
 from nlip_ds.eval.zeroshot import (CLIP_TEMPLATES, class_embeddings, load_class_names, load_templates,
                                    per_class_accuracy, zeroshot_accuracy)
+from nlip_ds.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ def evaluate(model, tokenizer, opts: EvalOptions, rt: Runtime = Runtime()) -> di
         raise ValueError(f"unknown task {opts.task!r}; choose from {', '.join(TASKS)}")
     if opts.linear_probe and not opts.train_data:
         raise ValueError("--linear-probe needs --train-data (labelled training images)")
+    if opts.task == "caption":
+        require("pycocoevalcap", "caption scoring (--task caption)")
+    if opts.linear_probe:
+        require("sklearn", "the linear probe (--linear-probe)")
     names = resolve_class_names(opts) if opts.task == "zeroshot" or opts.linear_probe else None
     emb = _embed(model, tokenizer, opts, opts.data, names, rt, task_inputs=True)
     results = {"task": opts.task, "data": opts.data, "num_images": int(emb.image.shape[0]), "metrics": {}}
