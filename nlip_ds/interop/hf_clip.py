@@ -16,7 +16,7 @@ from transformers.initialization import no_init_weights
 
 from nlip_ds.data.samples import MEAN, STD
 from nlip_ds.interop.folder import fast_tokenizer
-from nlip_ds.interop.towers import Block, ClipTowers, Tower
+from nlip_ds.interop.towers import ClipTowers, Tower
 
 FILES = {"config.json": "CLIPConfig (both towers' shapes and activations, projection size, logit scale)",
          "model.safetensors": "CLIPModel weights: vision_model, text_model, visual_projection, "
