@@ -27,13 +27,19 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
 ]
 
-TEST_REQUIRES = [
-    "pytest>=8.0",
-    "pytest-timeout>=2.3",
+# `nlip-ds eval --linear-probe` and `--task caption` (a missing one is a one-line error: nlip_ds/optional.py)
+EVAL_REQUIRES = [
     "scikit-learn>=1.4",
     "pycocoevalcap>=1.2",
+]
+
+# open_clip checks the open_clip export (tests/test_export_formats.py); training and exporting do not need it
+TEST_REQUIRES = EVAL_REQUIRES + [
+    "pytest>=8.0",
+    "pytest-timeout>=2.3",
     "hypothesis>=6.100",
     "pyarrow>=14",  # `nlip-ds audit` writes scores.parquet with it (JSONL without)
+    "open_clip_torch>=3.0",
 ]
 
 # ---- kernel build section (fused contrastive loss, kernels/) ----------------------------------------------
@@ -91,7 +97,7 @@ setup(
     packages=find_packages(include=["nlip_ds", "nlip_ds.*"]),
     package_data={"nlip_ds": ["resources/*"], "nlip_ds.completion": ["default_concepts.txt"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES, "audit": ["pyarrow>=14"]},
+    extras_require={"eval": EVAL_REQUIRES, "test": TEST_REQUIRES, "audit": ["pyarrow>=14"]},
     entry_points={"console_scripts": ["nlip-ds = nlip_ds.cli:entry"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,

@@ -2,7 +2,7 @@
 
     nlip-ds data synth|shards|inspect ...
     nlip-ds train --config configs/tiny-cpu.yaml [section.key=value ...]
-    nlip-ds export --checkpoint RUN_DIR --out DIR
+    nlip-ds export --checkpoint RUN_DIR --out DIR [--format nlip|hf-clip|open_clip ...]
     nlip-ds caption --checkpoint RUN_OR_EXPORT --images DIR_OR_SHARDS --out captions.jsonl
     nlip-ds audit --checkpoint RUN_OR_EXPORT --data DIR_OR_SHARDS --out DIR   per-pair noise scores + report
     nlip-ds config [--config FILE] [section.key=value ...]     print the resolved config, or --keys
@@ -32,10 +32,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from nlip_ds.interop.towers import ExportRefused
     from nlip_ds.train.export import export
 
-    out = export(args.checkpoint, args.out, tag=args.tag)
-    print(f"exported to {out} (load with NLIPModel.from_pretrained('{out}'))")
+    try:
+        written = export(args.checkpoint, args.out, tag=args.tag, formats=args.format,
+                         open_clip_name=args.open_clip_name)
+    except ExportRefused as exc:
+        print(f"nlip-ds export: refused: {exc}", file=sys.stderr)
+        return 2
+    for fmt, folder in written.items():
+        print(f"exported {fmt} to {folder} (how to load it: {folder / 'README.md'})")
     return 0
 
 
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from nlip_ds.data.cli import add_subcommands as add_data_commands
+    from nlip_ds.interop import FORMATS
 
     add_data_commands(sub)
     from nlip_ds.eval.cli import add_subcommands as add_eval_commands
@@ -72,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="consolidate a ZeRO-3 run into NLIPModel.from_pretrained format")
+    p = sub.add_parser("export", help="consolidate a ZeRO-3 run into NLIPModel, transformers CLIP or open_clip "
+                       "format (docs/export.md)")
     p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoints/ folder)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (several formats: one sub-folder each)")
     p.add_argument("--tag", help="checkpoint tag (default: latest)")
+    p.add_argument("--format", nargs="+", default=["nlip"], choices=FORMATS,
+                   help="nlip: NLIPModel.from_pretrained, every module; hf-clip: transformers CLIPModel and "
+                   "CLIPProcessor; open_clip: open_clip model config, weights and tokenizer (default: nlip)")
+    p.add_argument("--open-clip-name", help="open_clip model name (default: nlip-<run folder name>)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with --keys")

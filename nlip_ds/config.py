@@ -23,11 +23,12 @@ class ConfigError(ValueError):
     """A config file or override that is refused before any work starts."""
 
 
-def opt(default, doc: str, *, choices=None, lo=None, hi=None, factory=False, shape=False):
+def opt(default, doc: str, *, choices=None, lo=None, hi=None, factory=False, shape=False, legacy=None):
     """A config field: its default, one line of documentation and its allowed values or range. `shape=True`
     marks a field that fixes the architecture (a parameter's shape, or how weights are split, as heads): a
-    checkpoint saved with another value cannot be resumed."""
-    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "shape": shape}
+    checkpoint saved with another value cannot be resumed. `legacy`: the value that runs written before the
+    field existed had (filled in when their resolved config is read)."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "shape": shape, "legacy": legacy}
     if factory:
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,6 +47,10 @@ class VisionConfig:
     mask_ratio: float = opt(0.0, "fraction of patches dropped before the blocks in training (0 disables)",
                             lo=0.0, hi=0.95)
     pretrained_path: Optional[str] = opt(None, "local timm weights (.safetensors or .pth, loaded weights-only)")
+    layout: str = opt("clip", "clip: CLIP's ViT (LayerNorm before the blocks, no patch-embedding bias, QuickGELU), "
+                      "exportable to transformers and open_clip (docs/export.md); timm: the timm model's own "
+                      "layout (for vit_custom: GELU, patch bias, no pre-norm), as runs before this option",
+                      choices=("clip", "timm"), legacy="timm")
 
 
 @dataclass
@@ -386,8 +391,22 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _fill_legacy(cls, data: dict) -> dict:
+    """A resolved config (run folder, export) that lacks a field predates it: give it the field's legacy value,
+    so old runs load with the architecture they were trained with."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(out.get(f.name), dict):
+            out[f.name] = _fill_legacy(hints[f.name], out[f.name])
+        elif f.name not in out and f.metadata.get("legacy") is not None:
+            out[f.name] = f.metadata["legacy"]
+    return out
+
+
 def from_dict(data: dict) -> Config:
-    return validate(_build(Config, data, ""))
+    """A resolved config (as written by write_resolved or an export); fields it lacks get their legacy value."""
+    return validate(_build(Config, _fill_legacy(Config, data), ""))
 
 
 def git_sha(repo: Optional[Path] = None) -> str:

@@ -31,7 +31,7 @@ if [ "$(cat "$VENV/.nlip-ds-stamp" 2>/dev/null)" != "$want" ]; then
   # torch first: the extension build below compiles against it. torch===2.13.0 (three '=') takes the
   # registry's standard build even where pip is pointed at a local CPU-only wheel of the same version.
   "$VENV/bin/pip" install -q "torch===2.13.0" "torchvision===0.28.0"
-  "$VENV/bin/pip" install -q --no-build-isolation -e "$NLIP_ROOT[test]"
+  "$VENV/bin/pip" install -q --no-build-isolation -e "$NLIP_ROOT[eval,test]"
   echo "$want" > "$VENV/.nlip-ds-stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -139,6 +139,38 @@ def test_end_of_training_numbers_equal_nlip_ds_eval_on_the_run(ds_run, synth_dir
 
 
 @pytest.mark.slow
+def test_export_formats_of_the_run_compute_what_its_nlip_export_computes(ds_run, tmp_path):
+    """docs/export.md: one call writes three folders; transformers' CLIPModel reads the run's towers exactly and
+    each README names the run and the git SHA it was trained at."""
+    run_dir, _, _ = ds_run
+    out = tmp_path / "exports"
+    proc = _run([sys.executable, "-m", "nlip_ds.cli", "export", "--checkpoint", str(run_dir), "--out", str(out),
+                 "--format", "nlip", "hf-clip", "open_clip"])
+    assert all(f"exported {fmt} to {out / fmt}" in proc.stdout for fmt in ("nlip", "hf-clip", "open_clip"))
+    train_sha = json.loads((run_dir / "run.json").read_text())["git_sha"]
+    for fmt in ("nlip", "hf-clip", "open_clip"):
+        readme = (out / fmt / "README.md").read_text()
+        assert train_sha in readme and str(run_dir) in readme, fmt
+    code = f"""
+import torch
+from transformers import CLIPModel
+from nlip_ds.data.tokenizer import load_tokenizer
+from nlip_ds.model import NLIPModel
+ours = NLIPModel.from_pretrained({str(out / 'nlip')!r})
+hf = CLIPModel.from_pretrained({str(out / 'hf-clip')!r}).eval()
+tok = load_tokenizer({str(out / 'nlip' / 'tokenizer')!r})
+ids, mask = tok.encode(["a red circle", "two blue squares"], ours.text.context_length)
+images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    o = hf(input_ids=ids, attention_mask=mask, pixel_values=images)
+    diff = max((o.image_embeds - ours.encode_image(images)).abs().max().item(),
+               (o.text_embeds - ours.encode_text(ids, mask)).abs().max().item())
+print(diff)
+"""
+    assert float(_run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+@pytest.mark.slow
 def test_exact_resume_matches_uninterrupted_run(synth_dir, tmp_path):
     tok = tmp_path / "tokenizer"
     common = ["train.epochs=2", "noise.warmup_epochs=1", "monitor.log_every=1", "eval.enabled=false"]

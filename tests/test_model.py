@@ -364,14 +364,21 @@ def test_paper_scale_config_builds_on_meta_with_expected_parameter_count():
         model = NLIPModel(paper_config(), vocab_size=49408, pad_id=0, bos_id=49406, eos_id=49407, sep_id=1)
     counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     assert all(p.is_meta for p in model.parameters())
-    # independent anchors: timm's vit_base_patch32_224 is 88,224,232 with its 769,000-weight ImageNet head;
-    # OpenAI CLIP ViT-B/32's text tower (embeddings, 12 blocks, final norm) is 63,165,952
-    assert counts["vision"] == 88_224_232 - 769_000 == 87_455_232
+    # independent anchors: OpenAI CLIP ViT-B/32's image tower is 87,849,216 with its 768 x 512 projection (CLIP's
+    # layout: a LayerNorm before the blocks, no patch bias), its text tower (embeddings, 12 blocks, final norm)
+    # 63,165,952; timm's own layout (model.vision.layout=timm) is vit_base_patch32_224's 88,224,232 without its
+    # 769,000-weight ImageNet head
+    assert counts["vision"] == 87_849_216 - 768 * 512 == 87_456_000
     assert counts["text"] == 63_165_952
     assert counts["decoder"] == 76_809_472  # BERT-6L-512 with cross-attention + memory projections
     assert counts["mae"] == 14_606_336
     assert counts["image_proj"] + counts["text_proj"] + counts["logit_scale"] == 768 * 512 + 512 * 512 + 1
-    assert sum(counts.values()) == 242_692_353
+    assert sum(counts.values()) == 242_692_353 + 768
+    cfg = paper_config()
+    cfg.vision.layout = "timm"
+    with torch.device("meta"):
+        timm_vision = NLIPModel(cfg, vocab_size=49408, pad_id=0, bos_id=49406, eos_id=49407, sep_id=1).vision
+    assert sum(p.numel() for p in timm_vision.parameters()) == 88_224_232 - 769_000 == 87_455_232
 
 
 def test_init_weights_sets_every_parameter():

@@ -24,6 +24,7 @@ from nlip_ds.eval.retrieval import multi_caption_retrieval
 from nlip_ds.eval.zeroshot import (CLIP_TEMPLATES, class_embeddings, load_class_names, per_class_accuracy,
                                    zeroshot_accuracy)
 from nlip_ds.model.generation import GenerationOptions
+from nlip_ds.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ def check_options(opts: EvalOptions) -> None:
         raise ValueError(f"unknown task {unknown[0] if unknown else None!r}; choose from {', '.join(TASKS)}")
     if "linear_probe" in opts.tasks and not opts.probe_data:
         raise ValueError("linear_probe needs labelled training images (--train-data, or eval.probe_data)")
+    if "caption" in opts.tasks:
+        require("pycocoevalcap", "caption scoring (the caption task)")
+    if "linear_probe" in opts.tasks:
+        require("sklearn", "the linear probe (the linear_probe task)")
 
 
 def _embed(model, tokenizer, opts: EvalOptions, data: str, names, rt: Runtime, tasks: list[Task]) -> Embedded:

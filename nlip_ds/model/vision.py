@@ -89,12 +89,20 @@ def _check_named_vit(vit: nn.Module, cfg: VisionConfig) -> None:
             raise ValueError(f"model.vision.{key}: {getattr(cfg, key)} but timm model {cfg.name!r} has {value}")
 
 
+# CLIP's ViT as timm builds it: LayerNorm after the embeddings (timm then drops the patch-embedding bias, as
+# CLIP has none) and OpenAI CLIP's QuickGELU, the activation of the text tower too (open_clip has one activation
+# for both towers). With timm's final norm read at the class token, this is CLIP's ln_post, so every weight maps
+# one to one onto transformers' CLIPVisionModel and open_clip's VisionTransformer (nlip_ds/interop/).
+CLIP_LAYOUT = dict(pre_norm=True, act_layer="quick_gelu")
+
+
 def build_vit(cfg: VisionConfig) -> VisionTransformer:
     """The timm ViT without classifier head or pooling (forward returns all tokens), never downloading.
 
     timm's weight init is skipped here and run by ImageEncoder.init_weights() (see NLIPModel.init_weights).
     """
-    common = dict(num_classes=0, global_pool="", img_size=cfg.image_size, norm_layer=LayerNorm, weight_init="skip")
+    common = dict(num_classes=0, global_pool="", img_size=cfg.image_size, norm_layer=LayerNorm, weight_init="skip",
+                  **(CLIP_LAYOUT if cfg.layout == "clip" else {}))
     if cfg.name == "vit_custom":
         return VisionTransformer(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
                                  num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, **common)
