@@ -50,7 +50,7 @@ class VisionConfig:
     layout: str = opt("clip", "clip: CLIP's ViT (LayerNorm before the blocks, no patch-embedding bias, QuickGELU), "
                       "exportable to transformers and open_clip (docs/export.md); timm: the timm model's own "
                       "layout (for vit_custom: GELU, patch bias, no pre-norm), as runs before this option",
-                      choices=("clip", "timm"), legacy="timm")
+                      choices=("clip", "timm"), legacy="timm", shape=True)
 
 
 @dataclass
