@@ -5,6 +5,7 @@
     nlip-ds export --checkpoint RUN_DIR --out DIR
     nlip-ds caption --checkpoint RUN_OR_EXPORT --images DIR_OR_SHARDS --out captions.jsonl
     nlip-ds config [--config FILE] [section.key=value ...]     print the resolved config, or --keys
+    nlip-ds doctor [--config FILE]                             environment, kernel self-check, config check
 
 Under the DeepSpeed launcher: deepspeed --num_gpus G --module nlip_ds.cli train --config ...
 """
@@ -36,6 +37,12 @@ def cmd_export(args) -> int:
     out = export(args.checkpoint, args.out, tag=args.tag)
     print(f"exported to {out} (load with NLIPModel.from_pretrained('{out}'))")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from nlip_ds.doctor import doctor
+
+    return doctor(args.config, timing=not args.no_timing)
 
 
 def cmd_config(args) -> int:
@@ -74,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tag", help="checkpoint tag (default: latest)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("doctor", help="check versions, devices, kernels and a config; exit 1 if training is "
+                       "blocked", description="Environment report with a fix for each problem (docs/doctor.md).")
+    p.add_argument("--config", help="experiment YAML whose precision, ZeRO stage, batch and data to check")
+    p.add_argument("--no-timing", action="store_true", help="skip the short fused-loss and GEMM timing")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _add_config_args(p)
