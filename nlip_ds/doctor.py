@@ -120,12 +120,10 @@ def check_extensions(r: Report) -> None:
 def check_kernels(r: Report) -> None:
     r.section("kernel self-check (float64 reference, odd sizes, gathered and shared, omega on)")
     for device in devices():
-        module = extension.load(device.type) if os.environ.get(contrastive.DISABLE_ENV) != "1" else None
-        if module is None:
+        result = selfcheck.check_device(device) if os.environ.get(contrastive.DISABLE_ENV) != "1" else None
+        if result is None:
             r.line(str(device), f"no kernel ({extension.load_error(device.type) or contrastive.DISABLE_ENV + '=1'})")
             continue
-        result = selfcheck.run_check(device, lambda *a, m=module: contrastive._kernel_loss(m, *a),
-                                     contrastive.fused_contrastive_loss_ref)
         verdict = "passed" if result.ok else f"FAILED: {result.detail}"
         r.line(result.device, f"{verdict} (error {result.error:.2g}, tolerance {result.tolerance:.2g})")
         if not result.ok:

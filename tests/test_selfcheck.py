@@ -104,3 +104,9 @@ def test_unchecked_device_types_are_not_checked(monkeypatch):
     monkeypatch.setattr(selfcheck, "CHECK_DEVICE_TYPES", ("cuda",))
     fused_contrastive_loss(*loss_inputs())
     assert contrastive.last_impl == "cpu" and selfcheck.results() == {}
+
+
+def test_check_device_runs_the_check_on_demand():
+    result = selfcheck.check_device(torch.device("cpu"))
+    assert result is not None and result.ok and result.device == "cpu"
+    assert selfcheck.results() == {}  # an on-demand check does not decide what the loss uses

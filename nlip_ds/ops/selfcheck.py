@@ -82,6 +82,18 @@ def kernel_usable(device: torch.device, kernel: LossFn, reference: LossFn) -> bo
     return _results[key].ok
 
 
+def check_device(device: torch.device) -> CheckResult | None:
+    """The check run now on `device` with its compiled kernel (for `nlip-ds doctor` and scripts/gpu_check.sh),
+    whatever CHECK_DEVICE_TYPES says; None when no kernel is available for it."""
+    from . import contrastive, extension
+
+    module = extension.load(device.type) if device.type in extension.KINDS else None
+    if module is None:
+        return None
+    return run_check(device, lambda *args: contrastive._kernel_loss(module, *args),
+                     contrastive.fused_contrastive_loss_ref)
+
+
 def report(result: CheckResult) -> None:
     if result.ok:
         logger.info("fused contrastive kernel self-check passed on %s (worst error %.2g of tolerance %.2g)",
