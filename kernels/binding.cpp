@@ -18,6 +18,7 @@ constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
 #endif
 
 std::atomic<bool> g_poison{false};
+std::atomic<int64_t> g_tile_rows{0}, g_tile_cols{0};
 
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -119,6 +120,18 @@ Grads grads(at::Tensor img_local, at::Tensor txt_local, at::Tensor img_all, at::
 
 void set_poison_outputs(bool on) { g_poison.store(on); }
 
+void set_tile(int64_t rows, int64_t cols) {
+  TORCH_CHECK(rows >= 0 && cols >= 0 && (rows == 0) == (cols == 0),
+              "tile must be two positive sizes, or (0, 0) for the device default; got (", rows, ", ", cols, ")");
+  g_tile_rows.store(rows);
+  g_tile_cols.store(cols);
+}
+
+TileShape tile_or(TileShape device_default) {
+  const int64_t rows = g_tile_rows.load(), cols = g_tile_cols.load();
+  return rows > 0 ? TileShape{rows, cols} : device_default;
+}
+
 at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   if (g_poison.load()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
   return at::empty(shape, options);
@@ -138,4 +151,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_offset"), py::arg("symmetric"), py::arg("lse"), py::arg("a"), py::arg("b"),
         py::arg("weight"));
   m.def("set_poison_outputs", &nlip::set_poison_outputs, "Allocate kernel outputs filled with NaN (tests)");
+  m.def("set_tile", &nlip::set_tile, "Logit tile (rows, cols) per GEMM and epilogue; (0, 0): the device default",
+        py::arg("rows"), py::arg("cols"));
 }

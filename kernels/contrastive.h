@@ -46,6 +46,14 @@ at::Tensor stats_cuda(const Features& f, const at::Tensor& scale);
 Grads grads_cuda(const Features& f, const at::Tensor& scale, const at::Tensor& lse, const at::Tensor& a,
                  const at::Tensor& b, const at::Tensor& weight);
 
+// Tile of the logit matrix that one GEMM produces and one epilogue consumes. {0, 0} means the device's default
+// (CPU: 256 x 512 per thread, L2-sized; CUDA: 2048 x 4096, large enough for cuBLAS to run near peak).
+struct TileShape {
+  int64_t rows, cols;
+};
+void set_tile(int64_t rows, int64_t cols);
+TileShape tile_or(TileShape device_default);
+
 // Debug switch for tests: outputs that the kernels must overwrite are allocated filled with NaN instead of
 // uninitialized, so an element a kernel forgets to write shows up as NaN.
 void set_poison_outputs(bool on);

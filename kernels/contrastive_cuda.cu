@@ -1,380 +1,285 @@
-// CUDA implementation of the fused contrastive loss (see contrastive.h for the notation).
+// CUDA epilogues of the fused contrastive loss (tile driver: tiles.h; per-element math: epilogue.h).
 //
-// Tiles of kTile x kTile logits, 256 threads per block, each thread owning a kMicro x kMicro micro-tile in
-// registers; the feature dimension is staged through shared memory kDepth at a time and accumulated in fp32
-// (fp64 for double) with FMA. Tensor cores are not used (see docs/performance.md).
-//
-// Forward: stats_kernel keeps an online (max, sumexp, sum) per row over one split of the columns;
-// finish_stats_kernel merges the splits. Backward: grads_kernel recomputes one tile per block, turns it into
-// G = P - Q in shared memory and adds G y_tile / G^T x_tile to fp32 gradient buffers with atomics, so the
-// gradient sums are not bitwise deterministic across runs. Extra memory: O((n + N) d) fp32 accumulators for
-// half inputs, O(splits * n) partial statistics, and one partial per block for d/d scale.
+// The tile products are cuBLAS GEMMs issued by the driver through ATen: bf16 / fp16 features on tensor cores
+// with a float32 tile, float32 features as float32 GEMMs (TF32 only if torch.backends.cuda.matmul.allow_tf32
+// is on), float64 as float64. The kernels here are the epilogues, one launch each per tile, all on the current
+// stream and none with atomics: each row (column) of a tile is reduced by one block (thread) in a fixed order,
+// so losses and gradients are bitwise reproducible.
+//   row_stats_kernel        one block per tile row: online lse, logit sum, positive logit, merged into the
+//                           running row statistics
+//   col_stats_*_kernel      shared tile only: column partials over kColSplits row slices, then their merge
+//   grad_tile_kernel        one block per tile row: G = P - Q in the GEMM dtype, and the row's sum(G * cosine)
+//                           added to a per-row d/d scale accumulator
+// Extra memory: one float32 tile (and a half G tile for half inputs), O(n + N) statistics, float32 gradient
+// accumulators for half inputs.
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-#include <limits>
+#include <cstdint>
 #include <type_traits>
 
 #include "contrastive.h"
+#include "epilogue.h"
+#include "tiles.h"
 
 namespace nlip {
 namespace {
 
-constexpr int kSide = 16;              // threads per block side: 16 x 16
-constexpr int kThreads = kSide * kSide;
-constexpr int kDepth = 16;             // feature columns staged per step of the tile product
-constexpr int kChunk = 32;             // feature columns per step of the gradient products (2 per thread)
+using tiles::GradTerms;
+using tiles::Range;
+using tiles::Running;
 
-// Tile side: 64 (4 x 4 per thread) for 4-byte accumulators; 32 for double, to keep shared memory under 48 KiB.
-template <typename scalar_t>
-constexpr int tile_side() {
-  return std::is_same<scalar_t, double>::value ? 32 : 64;
-}
+// 2048 x 4096 float32 logits (32 MiB): cuBLAS runs a 2048 x 4096 x d product near the tensor-core rate, and
+// each epilogue launch has thousands of blocks to spread over the SMs.
+constexpr TileShape kDefaultTile{2048, 4096};
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kColWidth = 32;   // columns per block of the column kernel (one warp across)
+constexpr int kColLanes = 8;    // row lanes per block of the column kernel
+constexpr int kColSplits = 16;  // row slices reduced separately, then merged in order
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -std::numeric_limits<acc_t>::infinity();
-}
-
-// (m, l) <- the log-sum-exp pair of the union of two sets; an empty set is (-inf, 0).
-template <typename acc_t>
-__device__ __forceinline__ void merge_lse(acc_t& m, acc_t& l, acc_t m2, acc_t l2) {
-  const acc_t mx = m > m2 ? m : m2;
-  if (mx == neg_inf<acc_t>()) return;  // both empty
-  l = l * ::exp(m - mx) + l2 * ::exp(m2 - mx);
-  m = mx;
-}
-
-// acc[i][j] = x[r0 + ty*kMicro + i] . y[c0 + tx*kMicro + j] for one tile. Rows past `rows` or `cols` read zeros
-// and their results must be ignored by the caller. xs, ys: shared staging [kDepth][kTile + 1] (padded against
-// bank conflicts on the transposing store).
-template <typename scalar_t, typename acc_t, int kTile>
-__device__ void tile_product(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t rows,
-                             int64_t cols, int64_t d, int64_t r0, int64_t c0, acc_t (*xs)[kTile + 1],
-                             acc_t (*ys)[kTile + 1], acc_t (&acc)[kTile / kSide][kTile / kSide]) {
-  constexpr int kMicro = kTile / kSide;
-  const int tid = threadIdx.y * kSide + threadIdx.x;
+template <typename T>
+__device__ __forceinline__ void warp_lse(T& m, T& l) {
 #pragma unroll
-  for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
-  for (int64_t k0 = 0; k0 < d; k0 += kDepth) {
-    for (int e = tid; e < kTile * kDepth; e += kThreads) {
-      const int r = e / kDepth, k = e % kDepth;
-      const int64_t gk = k0 + k;
-      xs[k][r] = (r0 + r < rows && gk < d) ? static_cast<acc_t>(x[(r0 + r) * d + gk]) : acc_t(0);
-      ys[k][r] = (c0 + r < cols && gk < d) ? static_cast<acc_t>(y[(c0 + r) * d + gk]) : acc_t(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kDepth; ++k) {
-      acc_t xv[kMicro], yv[kMicro];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i) xv[i] = xs[k][threadIdx.y * kMicro + i];
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) yv[j] = ys[k][threadIdx.x * kMicro + j];
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) acc[i][j] += xv[i] * yv[j];
-    }
-    __syncthreads();
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const T m2 = __shfl_down_sync(0xffffffffu, m, offset);
+    const T l2 = __shfl_down_sync(0xffffffffu, l, offset);
+    epi::lse_merge(m, l, m2, l2);
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Forward
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
 
-// Grid (row tiles, column splits). partial (splits, 3, n): [max, sumexp, sum] of row r over the split's columns;
-// pos (n,): the positive logit, written by the one thread that meets column row_offset + r.
-template <typename scalar_t, int kTile>
-__global__ void __launch_bounds__(kThreads)
-    stats_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n, int64_t N, int64_t d,
-                 const at::acc_type<scalar_t, true>* __restrict__ scale_ptr, int64_t row_offset,
-                 int64_t cols_per_split, at::acc_type<scalar_t, true>* __restrict__ partial,
-                 at::acc_type<scalar_t, true>* __restrict__ pos) {
-  using acc_t = at::acc_type<scalar_t, true>;
-  constexpr int kMicro = kTile / kSide;
-  __shared__ acc_t xs[kDepth][kTile + 1];
-  __shared__ acc_t ys[kDepth][kTile + 1];
-  const acc_t scale = *scale_ptr;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
-  const int64_t c_end = std::min(N, c_begin + cols_per_split);
-
-  acc_t m[kMicro], l[kMicro], sum[kMicro];  // this thread's running stats over the columns it has seen
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) m[i] = neg_inf<acc_t>(), l[i] = acc_t(0), sum[i] = acc_t(0);
-
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
-    acc_t acc[kMicro][kMicro];
-    tile_product<scalar_t, acc_t, kTile>(x, y, n, c_end, d, r0, c0, xs, ys, acc);
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
-      const int64_t r = r0 + threadIdx.y * kMicro + i;
-      acc_t tile_max = neg_inf<acc_t>();
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        const int64_t c = c0 + threadIdx.x * kMicro + j;
-        if (c >= c_end) continue;
-        const acc_t v = scale * acc[i][j];
-        tile_max = v > tile_max ? v : tile_max;
-        sum[i] += v;
-        if (r < n && c == row_offset + r) pos[r] = v;
-      }
-      if (tile_max == neg_inf<acc_t>()) continue;  // no valid column for this thread in this tile
-      acc_t e = acc_t(0);
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) {
-        if (c0 + threadIdx.x * kMicro + j < c_end) e += ::exp(scale * acc[i][j] - tile_max);
-      }
-      merge_lse(m[i], l[i], tile_max, e);
-    }
+// Thread 0 ends with the block's (m, l) and total; the warps are merged in order.
+template <typename T>
+__device__ void block_lse_sum(T& m, T& l, T& total) {
+  __shared__ T sm[kWarps], sl[kWarps], st[kWarps];
+  warp_lse(m, l);
+  total = warp_sum(total);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    sl[warp] = l;
+    st[warp] = total;
   }
-
-  // The 16 threads of a row are the lanes of one half-warp differing in threadIdx.x: merge across them.
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-#pragma unroll
-    for (int offset = kSide / 2; offset > 0; offset >>= 1) {
-      const acc_t om = __shfl_xor_sync(0xffffffffu, m[i], offset);
-      const acc_t ol = __shfl_xor_sync(0xffffffffu, l[i], offset);
-      sum[i] += __shfl_xor_sync(0xffffffffu, sum[i], offset);
-      merge_lse(m[i], l[i], om, ol);
-    }
-    const int64_t r = r0 + threadIdx.y * kMicro + i;
-    if (threadIdx.x == 0 && r < n) {
-      acc_t* out = partial + static_cast<int64_t>(blockIdx.y) * 3 * n;
-      out[r] = m[i];
-      out[n + r] = l[i];
-      out[2 * n + r] = sum[i];
-    }
-  }
-}
-
-// stats (3, n): lse and rowsum from the splits' partials (pos is already there).
-template <typename acc_t>
-__global__ void finish_stats_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t n,
-                                    acc_t* __restrict__ stats) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= n) return;
-  acc_t m = neg_inf<acc_t>(), l = acc_t(0), sum = acc_t(0);
-  for (int64_t s = 0; s < splits; ++s) {
-    const acc_t* p = partial + s * 3 * n;
-    merge_lse(m, l, p[r], p[n + r]);
-    sum += p[2 * n + r];
-  }
-  stats[kLse * n + r] = m + ::log(l);
-  stats[kRowSum * n + r] = sum;
-}
-
-// Only c10's CUDA headers are used (not ATen/cuda/CUDAContext.h), so the build needs no cuBLAS / cuSPARSE
-// headers, which a minimal toolkit lacks.
-int num_sms(const at::Tensor& t) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
-  return count;
-}
-
-// Statistics (3, n) of the rows of scale * x y^T into `out`.
-template <typename scalar_t>
-void direction_stats(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, int64_t row_offset,
-                     at::Tensor out) {
-  using acc_t = at::acc_type<scalar_t, true>;
-  constexpr int kTile = tile_side<scalar_t>();
-  const int64_t n = x.size(0), N = y.size(0), d = x.size(1);
-  const int64_t row_tiles = (n + kTile - 1) / kTile, col_tiles = (N + kTile - 1) / kTile;
-  // Split the columns until the grid has a few blocks per SM; a split is a whole number of tiles.
-  const int64_t wanted = std::max<int64_t>(1, (4 * num_sms(x) + row_tiles - 1) / row_tiles);
-  const int64_t tiles_per_split = (col_tiles + std::min(wanted, col_tiles) - 1) / std::min(wanted, col_tiles);
-  const int64_t splits = (col_tiles + tiles_per_split - 1) / tiles_per_split;
-  at::Tensor partial = at::empty({splits, 3, n}, out.options());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  acc_t* stats = out.data_ptr<acc_t>();
-  stats_kernel<scalar_t, kTile><<<dim3(row_tiles, splits), dim3(kSide, kSide), 0, stream>>>(
-      x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n, N, d, scale.const_data_ptr<acc_t>(),
-      row_offset, tiles_per_split * kTile, partial.data_ptr<acc_t>(), stats + kPos * n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finish_stats_kernel<acc_t><<<(n + 255) / 256, 256, 0, stream>>>(partial.const_data_ptr<acc_t>(), splits, n, stats);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Backward
-
-// Sum of v over the block, valid in thread 0.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* warp_sums) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  const int tid = threadIdx.y * kSide + threadIdx.x;
-  if (tid % 32 == 0) warp_sums[tid / 32] = v;
   __syncthreads();
-  acc_t total = acc_t(0);
-  if (tid == 0)
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-  return total;
-}
-
-// out[o][k0 + k] += sum_t g(o, t) src[t][k] for the tile's kTile outputs o, where g(o, t) is gs[o][t] for dx
-// (transpose == false) and gs[t][o] for dy. src (kTile, kChunk) is the staged feature slice.
-template <typename acc_t, int kTile, bool transpose>
-__device__ void add_gradient_slice(const acc_t (*gs)[kTile + 1], const acc_t (*src)[kChunk + 1], int64_t o0,
-                                   int64_t outputs, int64_t d, int64_t k0, acc_t* __restrict__ out) {
-  constexpr int kMicro = kTile / kSide, kCols = kChunk / kSide;
-  // Thread (ty, tx) owns outputs ty*kMicro + i and feature columns tx + kSide*jj of the slice.
-  acc_t v[kMicro][kCols];
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) v[i][jj] = acc_t(0);
-  for (int t = 0; t < kTile; ++t) {
-    acc_t sv[kCols];
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) sv[jj] = src[t][threadIdx.x + kSide * jj];
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i) {
-      const int o = threadIdx.y * kMicro + i;
-      const acc_t g = transpose ? gs[t][o] : gs[o][t];
-#pragma unroll
-      for (int jj = 0; jj < kCols; ++jj) v[i][jj] += g * sv[jj];
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-    const int64_t o = o0 + threadIdx.y * kMicro + i;
-#pragma unroll
-    for (int jj = 0; jj < kCols; ++jj) {
-      const int64_t k = k0 + threadIdx.x + kSide * jj;
-      if (o < outputs && k < d) atomicAdd(out + o * d + k, v[i][jj]);
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) {
+      epi::lse_merge(m, l, sm[w], sl[w]);
+      total += st[w];
     }
   }
 }
 
-// Stages src[row0 + t][k0 + k] (rows past `rows`, columns past d read zero) into cs (kTile, kChunk).
-template <typename scalar_t, typename acc_t, int kTile>
-__device__ void stage_slice(const scalar_t* __restrict__ src, int64_t row0, int64_t rows, int64_t d, int64_t k0,
-                            acc_t (*cs)[kChunk + 1]) {
-  const int tid = threadIdx.y * kSide + threadIdx.x;
-  for (int e = tid; e < kTile * kChunk; e += kThreads) {
-    const int t = e / kChunk, k = e % kChunk;
-    cs[t][k] = (row0 + t < rows && k0 + k < d) ? static_cast<acc_t>(src[(row0 + t) * d + k0 + k]) : acc_t(0);
-  }
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T partial[kWarps];
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int w = 1; w < kWarps; ++w) v += partial[w];
+  return v;
 }
 
-// Grid (column tiles, row tiles). G = exp(scale*cos - lse_r) - b_r - a_r [c == row_offset + r] on the tile;
-// dx (n, d) += G y_tile, dy (N, d) += G^T x_tile, ds_partial[block] = sum(G * cos).
-template <typename scalar_t, int kTile>
-__global__ void __launch_bounds__(kThreads)
-    grads_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n, int64_t N, int64_t d,
-                 const at::acc_type<scalar_t, true>* __restrict__ scale_ptr, int64_t row_offset,
-                 const at::acc_type<scalar_t, true>* __restrict__ lse,
-                 const at::acc_type<scalar_t, true>* __restrict__ a,
-                 const at::acc_type<scalar_t, true>* __restrict__ b, at::acc_type<scalar_t, true>* __restrict__ dx,
-                 at::acc_type<scalar_t, true>* __restrict__ dy, at::acc_type<scalar_t, true>* __restrict__ ds_partial) {
-  using acc_t = at::acc_type<scalar_t, true>;
-  constexpr int kMicro = kTile / kSide;
-  __shared__ acc_t xs[kDepth][kTile + 1];
-  __shared__ acc_t ys[kDepth][kTile + 1];
-  __shared__ acc_t gs[kTile][kTile + 1];
-  __shared__ acc_t cs[kTile][kChunk + 1];
-  __shared__ acc_t warp_sums[kThreads / 32];
-  const acc_t scale = *scale_ptr;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
+// Grid (rb): block i folds tile row i into running row r0 + i.
+template <typename T>
+__global__ void row_stats_kernel(const T* __restrict__ s, int64_t cb, const T* __restrict__ scale_ptr, int64_t r0,
+                                 int64_t c0, int64_t row_offset, Running<T> rows) {
+  const T scale = *scale_ptr;
+  const T* row = s + blockIdx.x * cb;
+  T m = epi::neg_inf<T>(), l = 0, total = 0;
+  for (int64_t j = threadIdx.x; j < cb; j += kThreads) {
+    const T x = scale * row[j];
+    epi::lse_push(m, l, x);
+    total += x;
+  }
+  block_lse_sum(m, l, total);
+  if (threadIdx.x != 0) return;
+  const int64_t r = r0 + blockIdx.x;
+  epi::lse_merge(rows.max[r], rows.sumexp[r], m, l);
+  rows.sum[r] += total;
+  const int64_t target = epi::positive_column(row_offset, r, c0, cb);
+  if (target >= 0) rows.pos[r] = scale * row[target];
+}
 
-  acc_t acc[kMicro][kMicro];
-  tile_product<scalar_t, acc_t, kTile>(x, y, n, N, d, r0, c0, xs, ys, acc);
-  acc_t ds = acc_t(0);
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-    const int64_t r = r0 + threadIdx.y * kMicro + i;
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int64_t c = c0 + threadIdx.x * kMicro + j;
-      acc_t g = acc_t(0);  // padding rows / columns contribute nothing
-      if (r < n && c < N) {
-        g = ::exp(scale * acc[i][j] - lse[r]) - b[r] - (c == row_offset + r ? a[r] : acc_t(0));
-        ds += g * acc[i][j];
-      }
-      gs[threadIdx.y * kMicro + i][threadIdx.x * kMicro + j] = g;
+// Grid (ceil(cb / kColWidth), kColSplits), block (kColWidth, kColLanes): partial (m, l, sum) of each column over
+// row slice blockIdx.y, into partial (kColSplits, 3, cb).
+template <typename T>
+__global__ void col_stats_partial_kernel(const T* __restrict__ s, int64_t rb, int64_t cb,
+                                         const T* __restrict__ scale_ptr, T* __restrict__ partial) {
+  __shared__ T sm[kColLanes][kColWidth], sl[kColLanes][kColWidth], st[kColLanes][kColWidth];
+  const T scale = *scale_ptr;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColWidth + threadIdx.x;
+  T m = epi::neg_inf<T>(), l = 0, total = 0;
+  if (j < cb) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.y) * kColLanes + threadIdx.y; i < rb;
+         i += static_cast<int64_t>(kColLanes) * gridDim.y) {
+      const T x = scale * s[i * cb + j];
+      epi::lse_push(m, l, x);
+      total += x;
     }
   }
-  const acc_t block_ds = block_sum(ds, warp_sums);  // its __syncthreads also publishes gs
-  if (threadIdx.x == 0 && threadIdx.y == 0) ds_partial[blockIdx.y * gridDim.x + blockIdx.x] = block_ds;
+  sm[threadIdx.y][threadIdx.x] = m;
+  sl[threadIdx.y][threadIdx.x] = l;
+  st[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y != 0 || j >= cb) return;
+  for (int lane = 1; lane < kColLanes; ++lane) {
+    epi::lse_merge(m, l, sm[lane][threadIdx.x], sl[lane][threadIdx.x]);
+    total += st[lane][threadIdx.x];
+  }
+  T* out = partial + static_cast<int64_t>(blockIdx.y) * 3 * cb;
+  out[j] = m;
+  out[cb + j] = l;
+  out[2 * cb + j] = total;
+}
 
-  for (int64_t k0 = 0; k0 < d; k0 += kChunk) {
-    stage_slice<scalar_t, acc_t, kTile>(y, c0, N, d, k0, cs);
-    __syncthreads();
-    add_gradient_slice<acc_t, kTile, false>(gs, cs, r0, n, d, k0, dx);
-    __syncthreads();
-    stage_slice<scalar_t, acc_t, kTile>(x, r0, n, d, k0, cs);
-    __syncthreads();
-    add_gradient_slice<acc_t, kTile, true>(gs, cs, c0, N, d, k0, dy);
-    __syncthreads();
+// Grid over the cb columns: merges the kColSplits partials, in order, into running column c0 + j.
+template <typename T>
+__global__ void col_stats_merge_kernel(const T* __restrict__ partial, int64_t cb, int64_t c0, Running<T> cols) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= cb) return;
+  T m = cols.max[c0 + j], l = cols.sumexp[c0 + j], total = 0;
+  for (int split = 0; split < kColSplits; ++split) {
+    const T* p = partial + static_cast<int64_t>(split) * 3 * cb;
+    epi::lse_merge(m, l, p[j], p[cb + j]);
+    total += p[2 * cb + j];
+  }
+  cols.max[c0 + j] = m;
+  cols.sumexp[c0 + j] = l;
+  cols.sum[c0 + j] += total;
+}
+
+// Grid (rb): block i turns tile row i into its gradient row g (GEMM dtype G) and adds sum(G * cosine) to
+// ds_rows[r0 + i].
+template <typename T, typename G>
+__global__ void grad_tile_kernel(const T* __restrict__ s, G* __restrict__ g, int64_t cb,
+                                 const T* __restrict__ scale_ptr, int64_t r0, int64_t c0, GradTerms<T> terms,
+                                 T* __restrict__ ds_rows) {
+  const T scale = *scale_ptr;
+  const int64_t r = r0 + blockIdx.x;
+  const bool symmetric = terms.col_lse != nullptr;
+  const T lse = terms.row_lse[r], b = terms.b[r];
+  const T a = epi::positive_weight(terms.a[r], symmetric);
+  const int64_t target = epi::positive_column(terms.row_offset, r, c0, cb);
+  const T* row = s + blockIdx.x * cb;
+  G* out = g + blockIdx.x * cb;
+  T ds = 0;
+  for (int64_t j = threadIdx.x; j < cb; j += kThreads) {
+    const T c = row[j];
+    T v = symmetric ? epi::grad_entry_symmetric(c, scale, lse, b, terms.col_lse[c0 + j], terms.col_b[c0 + j])
+                    : epi::grad_entry(c, scale, lse, b);
+    if (j == target) v -= a;
+    ds += v * c;
+    out[j] = static_cast<G>(v);
+  }
+  ds = block_sum(ds);
+  if (threadIdx.x == 0) ds_rows[r] += ds;
+}
+
+int blocks(int64_t count, int per_block) { return static_cast<int>((count + per_block - 1) / per_block); }
+
+// T: accumulation type; G: the GEMM dtype of the features (and of the gradient tile handed to the GEMMs).
+template <typename T, typename G>
+struct CudaEpilogue {
+  using acc_t = T;
+  at::Tensor scale;    // 0-dim, acc_t, on the device: read by the kernels, so the host never syncs
+  at::Tensor ds_rows;  // (n,) per-row sums of G * cosines
+  at::Tensor g_tile;   // the half gradient tile (half inputs only)
+
+  at::Tensor compute(const at::Tensor& t) const { return t; }
+
+  template <typename F>
+  void for_each_task(int64_t rows, int64_t cols, const F& fn) const {
+    fn(Range{0, rows}, Range{0, cols}, 0);  // one stream: tiles in order, GEMMs of one tile fill the GPU
+  }
+
+  void row_stats(const at::Tensor& s, int64_t r0, int64_t c0, int64_t row_offset, const Running<T>& rows) const {
+    row_stats_kernel<T><<<s.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        s.const_data_ptr<T>(), s.size(1), scale.const_data_ptr<T>(), r0, c0, row_offset, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  void col_stats(const at::Tensor& s, int64_t, int64_t c0, const Running<T>& cols) const {
+    const int64_t rb = s.size(0), cb = s.size(1);
+    at::Tensor partial = at::empty({kColSplits, 3, cb}, s.options());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    col_stats_partial_kernel<T><<<dim3(blocks(cb, kColWidth), kColSplits), dim3(kColWidth, kColLanes), 0, stream>>>(
+        s.const_data_ptr<T>(), rb, cb, scale.const_data_ptr<T>(), partial.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    col_stats_merge_kernel<T><<<blocks(cb, kThreads), kThreads, 0, stream>>>(partial.const_data_ptr<T>(), cb, c0,
+                                                                             cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  at::Tensor grad_tile(at::Tensor& s, int64_t r0, int64_t c0, const GradTerms<T>& terms, int64_t) {
+    const int64_t rb = s.size(0), cb = s.size(1);
+    at::Tensor g = s;  // float32 / float64 features: G overwrites the cosines
+    if (!std::is_same<T, G>::value) {
+      if (!g_tile.defined() || g_tile.numel() < rb * cb)
+        g_tile = at::empty({rb * cb}, s.options().dtype(c10::CppTypeToScalarType<G>::value));
+      g = g_tile.narrow(0, 0, rb * cb).view({rb, cb});
+    }
+    grad_tile_kernel<T, G><<<rb, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        s.const_data_ptr<T>(), g.data_ptr<G>(), cb, scale.const_data_ptr<T>(), r0, c0, terms,
+        ds_rows.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return g;
+  }
+
+  at::Tensor d_scale() const { return ds_rows.sum(); }
+};
+
+template <typename T, typename G>
+CudaEpilogue<T, G> epilogue(const Features& f, const at::Tensor& scale) {
+  const auto acc = f.img_local.options().dtype(c10::CppTypeToScalarType<T>::value);
+  return {scale.to(acc).reshape({}).contiguous(), at::zeros({f.img_local.size(0)}, acc), at::Tensor()};
+}
+
+// Calls fn(epilogue) with the epilogue type of the features' dtype.
+template <typename F>
+auto with_epilogue(const Features& f, const at::Tensor& scale, const F& fn) {
+  switch (f.img_local.scalar_type()) {
+    case at::kDouble: {
+      auto e = epilogue<double, double>(f, scale);
+      return fn(e);
+    }
+    case at::kHalf: {
+      auto e = epilogue<float, at::Half>(f, scale);
+      return fn(e);
+    }
+    case at::kBFloat16: {
+      auto e = epilogue<float, at::BFloat16>(f, scale);
+      return fn(e);
+    }
+    default: {
+      auto e = epilogue<float, float>(f, scale);
+      return fn(e);
+    }
   }
 }
-
-// dx (n, d), dy (N, d) accumulate G y and G^T x (without the factor scale); returns sum(G * cos) on device.
-template <typename scalar_t>
-at::Tensor direction_grads(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale, int64_t row_offset,
-                           const at::Tensor& lse, const at::Tensor& a, const at::Tensor& b, at::Tensor& dx,
-                           at::Tensor& dy) {
-  using acc_t = at::acc_type<scalar_t, true>;
-  constexpr int kTile = tile_side<scalar_t>();
-  const int64_t n = x.size(0), N = y.size(0), d = x.size(1);
-  const int64_t row_tiles = (n + kTile - 1) / kTile, col_tiles = (N + kTile - 1) / kTile;
-  TORCH_CHECK(row_tiles <= 65535, "img_local has ", n, " rows; the CUDA kernel supports at most ", 65535 * kTile);
-  at::Tensor ds_partial = at::empty({row_tiles * col_tiles}, dx.options());
-  grads_kernel<scalar_t, kTile><<<dim3(col_tiles, row_tiles), dim3(kSide, kSide), 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(
-      x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n, N, d, scale.const_data_ptr<acc_t>(),
-      row_offset, lse.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-      dx.data_ptr<acc_t>(), dy.data_ptr<acc_t>(), ds_partial.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return ds_partial.sum();
-}
-
-at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
 
 at::Tensor stats_cuda(const Features& f, const at::Tensor& scale) {
   const c10::cuda::CUDAGuard guard(f.img_local.device());
-  const int64_t n = f.img_local.size(0);
-  const at::TensorOptions acc = f.img_local.options().dtype(acc_dtype(f.img_local));
-  const at::Tensor s = scale.reshape({}).to(acc);
-  at::Tensor out = empty_output({2, 3, n}, acc);  // (2, 3, n) [i2t, t2i] x [lse, pos, rowsum]
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.img_local.scalar_type(), "nlip_stats_cuda", [&] {
-    direction_stats<scalar_t>(f.img_local, f.txt_all, s, f.row_offset, out[0]);
-    direction_stats<scalar_t>(f.txt_local, f.img_all, s, f.row_offset, out[1]);
-  });
-  return out;
+  return with_epilogue(f, scale, [&](auto& e) { return tiles::stats(e, f, tile_or(kDefaultTile)); });
 }
 
-// The symmetric flag needs no special case here: both directions run as in the general case and autograd
-// adds the *_all gradients to the *_local ones, which are the same tensors.
 Grads grads_cuda(const Features& f, const at::Tensor& scale, const at::Tensor& lse, const at::Tensor& a,
                  const at::Tensor& b, const at::Tensor& weight) {
   const c10::cuda::CUDAGuard guard(f.img_local.device());
-  const at::TensorOptions acc = f.img_local.options().dtype(acc_dtype(f.img_local));
-  const at::Tensor s = scale.reshape({}).to(acc);
-  at::Tensor dvl = at::zeros(f.img_local.sizes(), acc), dtl = at::zeros(f.txt_local.sizes(), acc);
-  at::Tensor dva = at::zeros(f.img_all.sizes(), acc), dta = at::zeros(f.txt_all.sizes(), acc);
-  at::Tensor ds;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.img_local.scalar_type(), "nlip_grads_cuda", [&] {
-    ds = direction_grads<scalar_t>(f.img_local, f.txt_all, s, f.row_offset, lse[0], a, b, dvl, dta) +
-         direction_grads<scalar_t>(f.txt_local, f.img_all, s, f.row_offset, lse[1], a, b, dtl, dva);
+  return with_epilogue(f, scale, [&](auto& e) {
+    return tiles::grads(e, f, scale, lse, a, b, weight, tile_or(kDefaultTile));
   });
-  // The kernels accumulated G y and G^T x; the feature gradients are scale * weight times those.
-  const at::Tensor factor = s * weight.reshape({}).to(acc);
-  const auto finish = [&](at::Tensor& g, const at::Tensor& like) { return g.mul_(factor).to(like.scalar_type()); };
-  return {finish(dvl, f.img_local), finish(dtl, f.txt_local), finish(dva, f.img_all), finish(dta, f.txt_all),
-          ds * weight.reshape({}).to(acc)};
 }
 
 }  // namespace nlip

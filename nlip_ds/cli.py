@@ -6,6 +6,7 @@
     nlip-ds caption --checkpoint RUN_OR_EXPORT --images DIR_OR_SHARDS --out captions.jsonl
     nlip-ds audit --checkpoint RUN_OR_EXPORT --data DIR_OR_SHARDS --out DIR   per-pair noise scores + report
     nlip-ds config [--config FILE] [section.key=value ...]     print the resolved config, or --keys
+    nlip-ds doctor [--config FILE]                             environment, kernel self-check, config check
 
 Under the DeepSpeed launcher: deepspeed --num_gpus G --module nlip_ds.cli train --config ...
 """
@@ -44,6 +45,12 @@ def cmd_export(args) -> int:
     for fmt, folder in written.items():
         print(f"exported {fmt} to {folder} (how to load it: {folder / 'README.md'})")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from nlip_ds.doctor import doctor
+
+    return doctor(args.config, timing=not args.no_timing)
 
 
 def cmd_config(args) -> int:
@@ -90,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "CLIPProcessor; open_clip: open_clip model config, weights and tokenizer (default: nlip)")
     p.add_argument("--open-clip-name", help="open_clip model name (default: nlip-<run folder name>)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("doctor", help="check versions, devices, kernels and a config; exit 1 if training is "
+                       "blocked", description="Environment report with a fix for each problem (docs/doctor.md).")
+    p.add_argument("--config", help="experiment YAML whose precision, ZeRO stage, batch and data to check")
+    p.add_argument("--no-timing", action="store_true", help="skip the short fused-loss and GEMM timing")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _add_config_args(p)

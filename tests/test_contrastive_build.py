@@ -1,4 +1,5 @@
-"""The CUDA kernel compiles and links with the local nvcc even without a GPU; only its execution needs one."""
+"""The CUDA extension (tile driver, cuBLAS tile products, epilogue kernels) compiles and links for sm_80 and sm_90
+with the local nvcc even without a GPU; only its execution needs one (the CUDA cases of test_contrastive.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +12,13 @@ pytestmark = pytest.mark.cuda_build
 def test_cuda_extension_compiles_links_and_runs_where_possible(tmp_path, monkeypatch):
     if extension.cuda_toolkit() is None:
         pytest.skip("no CUDA toolkit (CUDA_HOME with bin/nvcc) or a CPU-only torch: nothing to compile with")
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # one arch keeps the compile short
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # A100 and H100/H200 machine code
     module = extension.jit_build("cuda", build_directory=str(tmp_path))
     assert module.device == "cuda"
-    for symbol in ("stats", "grads", "set_poison_outputs"):
+    for symbol in ("stats", "grads", "set_poison_outputs", "set_tile"):
         assert callable(getattr(module, symbol)), symbol
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("compiled and linked for sm_90; no sm_90 GPU here to run it")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() not in ((8, 0), (9, 0)):
+        pytest.skip("compiled and linked for sm_80 and sm_90; no such GPU here to run it")
 
     gen = torch.Generator().manual_seed(0)
     v, t = (F.normalize(torch.randn(70, 33, generator=gen), dim=1).cuda() for _ in range(2))

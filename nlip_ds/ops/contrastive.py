@@ -3,7 +3,8 @@
 Three layers (docs/architecture.md): the kernels and their checking binding in kernels/ (loaded by .extension), the
 autograd rule `_FusedContrastive` here, and the public `fused_contrastive_loss`, which picks the compiled kernel
 for the features' device and falls back, with a one-time warning, to the materializing reference
-`fused_contrastive_loss_ref` beside it. `last_impl` records which one ran ("cpu", "cuda" or "reference").
+`fused_contrastive_loss_ref` beside it; on a CUDA device the kernel must first pass its self-check
+(.selfcheck). `last_impl` records which one ran ("cpu", "cuda" or "reference").
 
 Semantics (docs/method.md, "Losses"): this rank's n pairs are rows [row_offset, row_offset + n) of the N gathered pairs.
     l_i  = 1/2 [ -log softmax_j(scale v_i . t_j)[g_i]  -  log softmax_j(scale t_i . v_j)[g_i] ],  g_i = row_offset + i
@@ -25,7 +26,7 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import extension
+from . import extension, selfcheck
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +190,20 @@ def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, 
     """
     _check_inputs(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega, form)
     ext, reason = _extension_for(img_local.device)
+    if ext is not None and not selfcheck.kernel_usable(img_local.device, lambda *args: _kernel_loss(ext, *args),
+                                                       fused_contrastive_loss_ref):
+        reason = f"the {ext.device} kernel failed its self-check on {selfcheck.device_key(img_local.device)}"
+        ext = None
     if ext is None:
         _record("reference", reason)
         return fused_contrastive_loss_ref(img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega,
                                           form)
+    _record(ext.device)
+    return _kernel_loss(ext, img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega, form)
+
+
+def _kernel_loss(ext, img_local, txt_local, img_all, txt_all, logit_scale, row_offset, omega, form):
+    """The compiled kernel's (loss, per_sample) on checked inputs: the entry the self-check runs."""
     n, N = img_local.shape[0], img_all.shape[0]
     a, b, m = target_coefficients(omega, n, N, _acc_dtype(img_local.dtype), img_local.device, form)
     symmetric = img_local is img_all and txt_local is txt_all
@@ -201,5 +212,4 @@ def fused_contrastive_loss(img_local, txt_local, img_all, txt_all, logit_scale, 
         features = (v, t, v, t)
     else:
         features = tuple(x.contiguous() for x in (img_local, txt_local, img_all, txt_all))
-    _record(ext.device)
     return _FusedContrastive.apply(ext, symmetric, int(row_offset), *features, logit_scale, a, b, m)
