@@ -328,12 +328,15 @@ def training_estimate(loaded, cfg, data: str, tag: Optional[str]) -> tuple[Optio
         return None, "an export carries no loss bank"
     if not _same_shards(data, cfg.data.train):
         return None, f"--data is not the run's training set ({cfg.data.train})"
-    root = loaded.folder / "checkpoints"
-    tag = tag or (root / "latest").read_text().strip()
-    files = sorted((root / tag).glob("*model_states.pt"))
-    if not files:
-        return None, f"no model_states file in {root / tag}"
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    from nlip_ds.run.checkpoint import CheckpointError, read_latest, read_shared_state
+    from nlip_ds.run.layout import RunFolder
+
+    root = RunFolder(loaded.folder).checkpoints
+    tag = tag or read_latest(root)
+    try:
+        state = read_shared_state(root / tag)
+    except CheckpointError as exc:
+        return None, str(exc)
     noise = state.get("noise") or {}
     if not len(noise.get("ids", ())):
         return None, f"checkpoint {root / tag} holds no noise estimate yet (no refit before it)"

@@ -340,3 +340,13 @@ def load_rank_state(folder: Path) -> dict:
     from nlip_ds.distributed import get_rank
 
     return torch.load(Path(folder) / rank_state_name(get_rank()), weights_only=True)
+
+
+def read_shared_state(folder: Path) -> dict:
+    """The client state every rank saved identically (step, loader epoch, the noise estimator, the caption store),
+    read from the engine's first model-states file without an engine: what inspection tools (`nlip-ds audit`) need.
+    Not weights-only: DeepSpeed pickles the client state with its own objects in the same file."""
+    files = sorted(Path(folder).glob("*model_states.pt"))
+    if not files:
+        raise CheckpointError(f"no *model_states.pt in {folder}")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
