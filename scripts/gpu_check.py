@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -53,7 +54,6 @@ class Check:
         self.stages: list[Stage] = []
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([str(self.site), str(ROOT), self.env.get("PYTHONPATH", "")])
-        self.env["TORCH_EXTENSIONS_DIR"] = str(self.work / "torch_extensions")
         self.env["PYTHONUNBUFFERED"] = "1"
         if self.dry:
             self.env["CUDA_VISIBLE_DEVICES"] = ""
@@ -68,13 +68,19 @@ class Check:
             stage.status, stage.detail = "skipped", "no time left in the budget"
             return None
         print(f"[gpu_check] {stage.name}: {' '.join(cmd)[:200]} (limit {limit:.0f} s)", flush=True)
+        # A session of its own, so that a timeout ends the stage's whole process tree (loader workers too).
+        child = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=limit)
-        except subprocess.TimeoutExpired as err:
+            stdout, stderr = child.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
             stage.status = "timeout"
-            stage.detail = f"stopped after {limit:.0f} s\n" + tail(err.stdout, err.stderr)
-            write_log(self.work / log, err.stdout, err.stderr)
+            stage.detail = f"stopped after {limit:.0f} s\n" + tail(stdout, stderr)
+            write_log(self.work / log, stdout, stderr)
             return None
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
         write_log(self.work / log, proc.stdout, proc.stderr)
         stage.status = "ok" if proc.returncode == 0 else "failed"
         if proc.returncode != 0:
@@ -164,10 +170,9 @@ def selfcheck(c: Check, s: Stage) -> None:
     proc = c.run(s, python(f"""
         import json, torch
         from dataclasses import asdict
-        from nlip_ds.ops import contrastive, extension, selfcheck
-        ext = extension.load(torch.device("{device}").type)
-        r = selfcheck.run_check(torch.device("{device}"), lambda *a: contrastive._kernel_loss(ext, *a),
-                                contrastive.fused_contrastive_loss_ref)
+        from nlip_ds.ops import selfcheck
+        r = selfcheck.check_device(torch.device("{device}"))
+        assert r is not None, "no compiled kernel for {device}"
         print(json.dumps(asdict(r)))
         raise SystemExit(0 if r.ok else 1)
         """), "selfcheck.log")
@@ -200,7 +205,7 @@ def train_data(c: Check) -> Path:
     data = c.work / "data"
     if not (data / "train" / "index.json").is_file():
         subprocess.run([PY, "-m", "nlip_ds.cli", "data", "synth", "--out", str(data), "--num-samples",
-                        "400" if c.dry else "4000"], cwd=ROOT, env=c.env, check=True, capture_output=True,
+                        "160" if c.dry else "4000"], cwd=ROOT, env=c.env, check=True, capture_output=True,
                        timeout=max(5.0, min(120.0, c.remaining())))
     return data
 
@@ -250,7 +255,8 @@ def peak_rss_mib() -> float:
 VITB32_DRY = ["model.vision.name=vit_custom", "model.vision.image_size=64", "model.vision.width=64",
               "model.vision.depth=1", "model.vision.heads=2", "model.text.width=64", "model.text.depth=1",
               "model.text.heads=2", "model.decoder.width=64", "model.decoder.depth=1", "model.decoder.heads=2",
-              "model.mae.width=64", "model.mae.depth=1", "model.mae.heads=2", "model.embed_dim=64"]
+              "model.mae.width=64", "model.mae.depth=1", "model.mae.heads=2", "model.embed_dim=64",
+              "model.text.context_length=32", "model.decoder.max_length=32"]
 
 
 def stages(c: Check) -> None:
@@ -297,7 +303,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="everything that needs no GPU, on the CPU, tiny")
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_report",
                         help="folder for report.md and report.json (default $OUT, else gpu_check_report/)")
-    parser.add_argument("--work", default="/tmp/nlip_gpu_check", help="scratch: wheels target, builds, runs, logs")
+    parser.add_argument("--work", default="/tmp/nlip_gpu_check", help="scratch: wheels target, data, runs, logs")
     parser.add_argument("--budget", type=int, default=None,
                         help="seconds for all stages together (default 450; 2400 with --dry-run)")
     parser.add_argument("--limit-scale", type=float, default=None,
