@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nlip_ds.config import Config, ConfigError, to_dict
+from nlip_ds.config import Config, ConfigError, fill_legacy, to_dict
 from nlip_ds.train.optim import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def check_compatible(manifest: dict, config: dict, shapes: dict, world_size: int, zero_stage: int) -> dict:
     """Refuse a checkpoint the current run cannot continue exactly; return the other changed settings
     {key: (saved, now)}, which are allowed (load_checkpoint logs them as a warning)."""
-    saved = flatten(manifest["config"] or {})
+    saved = flatten(fill_legacy(manifest["config"] or {}))  # a key the run predates has its legacy value
     now = flatten(json.loads(json.dumps(config, default=str)))  # the manifest went through JSON too
     changed = {k: (saved.get(k, ABSENT), now.get(k, ABSENT)) for k in sorted(saved.keys() | now.keys())
                if k not in NOT_COMPARED and saved.get(k, ABSENT) != now.get(k, ABSENT)}
