@@ -391,14 +391,15 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _fill_legacy(cls, data: dict) -> dict:
-    """A resolved config (run folder, export) that lacks a field predates it: give it the field's legacy value,
-    so old runs load with the architecture they were trained with."""
+def fill_legacy(data: dict, cls=None) -> dict:
+    """A resolved config (run folder, checkpoint manifest, export) that lacks a field predates it: give it the
+    field's legacy value, so old runs load with the architecture they were trained with."""
+    cls = cls or Config
     hints = typing.get_type_hints(cls)
     out = dict(data)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]) and isinstance(out.get(f.name), dict):
-            out[f.name] = _fill_legacy(hints[f.name], out[f.name])
+            out[f.name] = fill_legacy(out[f.name], hints[f.name])
         elif f.name not in out and f.metadata.get("legacy") is not None:
             out[f.name] = f.metadata["legacy"]
     return out
@@ -406,7 +407,7 @@ def _fill_legacy(cls, data: dict) -> dict:
 
 def from_dict(data: dict) -> Config:
     """A resolved config (as written by write_resolved or an export); fields it lacks get their legacy value."""
-    return validate(_build(Config, _fill_legacy(Config, data), ""))
+    return validate(_build(Config, fill_legacy(data), ""))
 
 
 def git_sha(repo: Optional[Path] = None) -> str:

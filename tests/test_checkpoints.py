@@ -175,6 +175,16 @@ def test_changed_model_shape_is_refused_with_the_key_and_both_values(tmp_path):
     assert "model.embed_dim: 64 -> 32" in str(err.value) and "model.text.depth: 2 -> 3" in str(err.value)
 
 
+def test_a_checkpoint_older_than_a_shape_key_is_compared_with_its_legacy_value(tmp_path):
+    """A manifest written before model.vision.layout existed holds a timm-layout ViT: resuming it under the new
+    default names the key (docs/export.md)."""
+    manifest = _manifest(_cfg(tmp_path, "model.vision.layout=timm"))
+    del manifest["config"]["model"]["vision"]["layout"]
+    with pytest.raises(C.CheckpointError, match="model.vision.layout: 'timm' -> 'clip'"):
+        C.check_compatible(manifest, to_dict(_cfg(tmp_path)), {"w": [64, 64]}, 2, 3)
+    C.check_compatible(manifest, to_dict(_cfg(tmp_path, "model.vision.layout=timm")), {"w": [64, 64]}, 2, 3)
+
+
 def test_changed_lr_and_schedule_are_allowed_and_listed(tmp_path):
     saved = _cfg(tmp_path)
     now = _cfg(tmp_path, "optim.lr=0.002", "optim.schedule=constant", "model.decoder.dropout=0.0",

@@ -80,7 +80,7 @@ class ClipTowers:
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _vit_layout_problem(vit: nn.Module, cfg: VisionConfig) -> str | None:
+def _vit_layout_problem(vit: nn.Module) -> str | None:
     """Why this timm ViT is not CLIP's ViT, or None."""
     names = {n for n, _ in vit.named_parameters()}
     expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm_pre.weight", "norm_pre.bias",
@@ -88,8 +88,10 @@ def _vit_layout_problem(vit: nn.Module, cfg: VisionConfig) -> str | None:
     for i in range(len(vit.blocks)):
         expected |= {f"blocks.{i}.{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1",
                                                        "mlp.fc2") for p in ("weight", "bias")}
-    if "patch_embed.proj.bias" in names or "norm_pre.weight" not in names:
-        return "it has a patch-embedding bias and no LayerNorm before the blocks"
+    wrong = [what for what, bad in (("a patch-embedding bias", "patch_embed.proj.bias" in names),
+                                    ("no LayerNorm before the blocks", "norm_pre.weight" not in names)) if bad]
+    if wrong:
+        return "it has " + " and ".join(wrong)
     if names != expected:
         extra, missing = sorted(names - expected), sorted(expected - names)
         return f"its parameters differ from CLIP's ViT (extra {extra[:3]}, missing {missing[:3]})"
@@ -110,7 +112,7 @@ def _option(cfg: VisionConfig) -> str:
 
 def check_mappable(vision_cfg: VisionConfig, vit: nn.Module, fmt: str) -> None:
     """Refuse `fmt` (hf-clip, open_clip) unless every weight of both towers has exactly one place there."""
-    problem = _vit_layout_problem(vit, vision_cfg)
+    problem = _vit_layout_problem(vit)
     if problem is not None:
         raise ExportRefused(f"{fmt}: the image tower is not CLIP's ViT ({_option(vision_cfg)}: {problem}); "
                             "a run trained with model.vision.layout=clip exports exactly, this one would not, so "

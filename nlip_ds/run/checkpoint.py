@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from nlip_ds.config import Config, ConfigError, shape_keys
+from nlip_ds.config import Config, ConfigError, fill_legacy, shape_keys
 from nlip_ds.run.layout import LATEST, STEP_TAG, RunFolder
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def check_compatible(manifest: dict, config: dict, shapes: dict, world_size: int, zero_stage: int) -> dict:
     """Refuse a checkpoint the current run cannot continue exactly; return the other changed settings
     {key: (saved, now)}, which are allowed (open_for_resume logs them as a warning)."""
-    saved = flatten(manifest["config"] or {})
+    saved = flatten(fill_legacy(manifest["config"] or {}))  # a key the run predates has its legacy value
     now = flatten(json.loads(json.dumps(config, default=str)))  # the manifest went through JSON too
     changed = {k: (saved.get(k, ABSENT), now.get(k, ABSENT)) for k in sorted(saved.keys() | now.keys())
                if k not in NOT_COMPARED and saved.get(k, ABSENT) != now.get(k, ABSENT)}
