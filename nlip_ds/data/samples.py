@@ -295,8 +295,8 @@ def _trim_long_side(img: Image.Image, ratio: int = 3) -> Image.Image:
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 (B, 3, H, W) with CLIP's mean and std. Done once per batch: images travel
     from the workers as uint8 (a quarter of the bytes) and one vector op replaces B small ones."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return images.float().div_(255.0).sub_(mean).div_(std)
 
 
