@@ -60,6 +60,7 @@ def shards_224(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the full-size model on the CPU; 11 minutes for the fp32 case under load 30
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_paper_config_trains_three_steps(shards_224, tmp_path, precision):
     run = tmp_path / "run"

@@ -28,7 +28,7 @@ from nlip_ds.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16_RTOL = 2e-2
-UPDATE_RTOL = 0.2
+UPDATE_RTOL = 0.1  # measured 0.02 (bf16, 3 AdamW steps)
 GLOBAL_BATCH, VOCAB, STEPS = 16, 64, 3
 
 
@@ -237,6 +237,7 @@ def _losses(run: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.timeout(2400)  # three 2-rank runs, an export and an evaluation: about 15 minutes under load 30
 def test_bf16_deepspeed_run_refits_resumes_exactly_and_exports(synth_dir, tmp_path):
     tok, full, split = tmp_path / "tokenizer", tmp_path / "full", tmp_path / "split"
     _train(synth_dir, tok, full)
