@@ -59,7 +59,7 @@ def probed_train_step(engine, cfg, state, batch, acc, guard):
     now.clear()
     now.update(k for k in ("loss", "image", "grad") if calls[0] in INJECT.get(k, ()))
     if mine("image"):
-        batch = {**batch, "image": torch.full_like(batch["image"], float("nan"))}
+        batch = {**batch, "image": torch.full(batch["image"].shape, float("nan"))}  # float: taken as normalized
     train_step(engine, cfg, state, batch, acc, guard)
     calls[0] += 1
     opt_state = [v for s in engine.optimizer.optimizer.state.values() for k, v in s.items() if k == "exp_avg"]

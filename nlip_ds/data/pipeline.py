@@ -81,6 +81,7 @@ class LoaderSpec:
     rank: int
     world_size: int
     workers: int  # DataLoader processes; 0 runs the stages in the main process as one stream
+    pin_memory: bool = False  # batches' images in page-locked memory (GPU runs: asynchronous copies)
 
     @property
     def streams(self) -> int:
@@ -437,7 +438,8 @@ class RoundRobinMerge:
 class Loader:
     """Iterable over the batches of the current epoch (see the module docstring for stages and modes).
 
-    Batch: image float32 (B, 3, H, W) normalized; input_ids, attention_mask long (B, T); sample_id long (B,);
+    Batch: image uint8 (B, 3, H, W), normalized by the model on its device (ImageEncoder.pixels);
+    input_ids, attention_mask long (B, T); sample_id long (B,);
     caption list[str]; label long (B,) (-1 unknown); noise_type long (B,) (0 clean, 1 incorrect,
     2 incomplete, -1 unknown); objects list[list[str]]; pad bool (B,) (True: a repeated sample).
     """
@@ -493,7 +495,7 @@ class Loader:
                     refs.append(ref)
                 progress.batches, progress.samples = progress.batches + 1, progress.samples + size
                 self._check_skip_rate(progress, final=False)
-                yield gather(refs)
+                yield gather(refs, self.spec.pin_memory)
         finally:
             chunks.close()
         self._check_skip_rate(progress, final=True)
@@ -638,7 +640,7 @@ def _check_exact(spec: LoaderSpec) -> None:
 
 def build_loader(data_cfg, split: str, *, tokenizer: Tokenizer, image_size: int, batch_size: int, train: bool,
                  context_length: int, seed: int, rank: int = 0, world_size: int = 1,
-                 workers: Optional[int] = None) -> Loader:
+                 workers: Optional[int] = None, pin_memory: bool = False) -> Loader:
     """The loader of `data_cfg.<split>` for one rank. Resampled mode applies to the train split only."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -659,7 +661,8 @@ def build_loader(data_cfg, split: str, *, tokenizer: Tokenizer, image_size: int,
         context_length=context_length, train=train, seed=seed, shuffle_buffer=data_cfg.shuffle_buffer,
         crop_scale_min=data_cfg.crop_scale_min, max_pixels=data_cfg.max_image_pixels,
         max_skip_rate=data_cfg.max_skip_rate, resampled=resampled, samples_per_epoch=data_cfg.samples_per_epoch,
-        rank=rank, world_size=world_size, workers=data_cfg.workers if workers is None else workers)
+        rank=rank, world_size=world_size, workers=data_cfg.workers if workers is None else workers,
+        pin_memory=pin_memory)
     if resampled and plan_resampled(spec).num_batches < 1:
         raise ConfigError(f"data.samples_per_epoch={data_cfg.samples_per_epoch} is less than one global batch "
                          f"({world_size} ranks x {batch_size})")

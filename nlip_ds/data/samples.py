@@ -293,10 +293,11 @@ def _trim_long_side(img: Image.Image, ratio: int = 3) -> Image.Image:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 (B, 3, H, W) with CLIP's mean and std. Done once per batch: images travel
-    from the workers as uint8 (a quarter of the bytes) and one vector op replaces B small ones."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    """uint8 (B, 3, H, W) -> float32 (B, 3, H, W) with CLIP's mean and std, on the images' device. Done once per
+    batch, by the model in training (ImageEncoder.pixels): images travel from the workers and to the device as
+    uint8 (a quarter of the bytes) and one vector op replaces B small ones."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return images.float().div_(255.0).sub_(mean).div_(std)
 
 
@@ -313,9 +314,11 @@ def collate(samples: list[dict]) -> dict:
     return chunk
 
 
-def gather(refs: list[tuple[dict, int]]) -> dict:
+def gather(refs: list[tuple[dict, int]], pin_memory: bool = False) -> dict:
     """The batch the loader yields, from (chunk, index) references: one index_select per chunk and field,
-    put back in reference order, images normalized to float32."""
+    put back in reference order. Images stay uint8 (a quarter of float32's bytes to copy to the device, where
+    the model normalizes them); with `pin_memory` they are copied into page-locked memory, so that the copy to
+    a GPU (non_blocking) is asynchronous."""
     groups: dict[int, tuple[dict, list[int], list[int]]] = {}
     for position, (chunk, index) in enumerate(refs):
         _, positions, indices = groups.setdefault(id(chunk), (chunk, [], []))
@@ -325,7 +328,8 @@ def gather(refs: list[tuple[dict, int]]) -> dict:
     batch = {f: torch.cat([chunk[f][torch.tensor(indices)] for chunk, _, indices in groups.values()])[order]
              for f in TENSOR_FIELDS}
     batch.update({f: [chunk[f][index] for chunk, index in refs] for f in LIST_FIELDS})
-    batch["image"] = normalize(batch["image"])  # (B, 3, H, W) float32
+    if pin_memory:
+        batch["image"] = batch["image"].pin_memory()  # (B, 3, H, W) uint8
     return batch
 
 

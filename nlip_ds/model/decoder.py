@@ -27,10 +27,17 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """[BOS] w1 .. wn [EOS] [PAD].. -> decoder inputs (B, T-1), their mask, next-token labels (B, T-1)."""
-    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-    return input_ids[:, :-1], attention_mask[:, :-1], labels
+def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: Optional[int] = None):
+    """[BOS] w1 .. wn [EOS] [PAD].. -> decoder inputs (B, L), their mask, next-token labels (B, L), with
+    L = min(T - 1, max_length).
+
+    The text context (model.text.context_length, 77 at paper scale) may exceed the decoder's positions
+    (model.decoder.max_length, 40): the decoder then learns the first max_length tokens of each caption, as
+    BLIP's decoder does, and a caption cut there has no [EOS] label. Generation never goes past max_length.
+    """
+    steps = input_ids.shape[1] - 1 if max_length is None else min(input_ids.shape[1] - 1, max_length)
+    labels = input_ids[:, 1:steps + 1].masked_fill(attention_mask[:, 1:steps + 1] == 0, IGNORE_INDEX)
+    return input_ids[:, :steps], attention_mask[:, :steps], labels
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None,

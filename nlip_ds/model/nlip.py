@@ -98,7 +98,7 @@ class NLIPModel(nn.Module):
         mask_ratio defaults to model.vision.mask_ratio in training mode and 0 in eval mode; `generator`
         drives the patch mask and the concept-prefix dropout (the global RNG when None).
         """
-        images = batch["image"]
+        images = self.vision.pixels(batch["image"])  # float32: also the MAE target, whose loss stays float32
         if mask_ratio is None:
             mask_ratio = self.config.vision.mask_ratio if self.training else 0.0
         vis = self.vision(images, mask_ratio, generator)
@@ -109,14 +109,15 @@ class NLIPModel(nn.Module):
             txt = concepts = self.text(batch["input_ids"], batch["attention_mask"])
             if concept_ids is not None:
                 concepts = self._concept_features(concept_ids, concept_mask)
-        dec_ids, dec_mask, labels = teacher_forcing(batch["input_ids"], batch["attention_mask"])
+        dec_ids, dec_mask, labels = teacher_forcing(batch["input_ids"], batch["attention_mask"],
+                                                    self.decoder.max_length)
         memory, memory_mask = self.decoder.memory(vis.tokens, concepts.concept_features, concepts.concept_mask)
         out = {
             "image_features": l2_normalize(self.image_proj(vis.pooled)),  # (B, D)
             "text_features": l2_normalize(self.text_proj(txt.pooled)),  # (B, D)
             "logit_scale": self.logit_scale(),
-            "caption_logits": self.decoder(dec_ids, dec_mask, memory, memory_mask),  # (B, T-1, V)
-            "caption_labels": labels,  # (B, T-1)
+            "caption_logits": self.decoder(dec_ids, dec_mask, memory, memory_mask),  # (B, L, V)
+            "caption_labels": labels,  # (B, L), L = min(T - 1, model.decoder.max_length)
         }
         if self.mae is not None and vis.mask is not None:
             out["mae_loss"] = self.mae(vis.tokens, vis.ids_restore, vis.mask, images)  # (B,)

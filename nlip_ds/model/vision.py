@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from nlip_ds.config import VisionConfig
+from nlip_ds.data.samples import normalize
 from nlip_ds.model.layers import LayerNorm
 
 logger = logging.getLogger(__name__)
@@ -158,8 +159,22 @@ class ImageEncoder(nn.Module):
         if self.pretrained_path and load_pretrained:
             load_timm_weights(self.vit, self.pretrained_path)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (bf16/fp16 once DeepSpeed or `.to()` cast the weights; ZeRO-3's partitioned
+        parameters keep theirs)."""
+        return self.vit.patch_embed.proj.weight.dtype
+
+    @staticmethod
+    def pixels(images: torch.Tensor) -> torch.Tensor:
+        """uint8 images as the loader yields them -> float32 normalized, on their own device (the copy to the
+        device moves a quarter of the bytes); float images are taken as normalized already."""
+        return normalize(images) if images.dtype == torch.uint8 else images
+
     def forward(self, images: torch.Tensor, mask_ratio: float = 0.0,
                 generator: Optional[torch.Generator] = None) -> VisionOutput:
+        """images: (B, 3, H, W) uint8, or float normalized in any dtype; cast here to the weights' dtype."""
+        images = self.pixels(images).to(self.dtype)
         if mask_ratio <= 0:
             tokens = self.vit(images)  # (B, P + L, D)
             return VisionOutput(tokens[:, 0], tokens, None, None)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from nlip_ds import distributed as D
 from nlip_ds.config import Config, ConfigError
 from nlip_ds.data.pipeline import build_loader
@@ -28,7 +30,7 @@ def build_loaders(cfg: Config, tokenizer, topo: D.Topology) -> dict:
         raise ConfigError("data.train: no training shards given")
     common = dict(tokenizer=tokenizer, image_size=cfg.model.vision.image_size,
                   context_length=cfg.model.text.context_length, seed=cfg.train.seed, rank=topo.rank,
-                  world_size=topo.world_size)
+                  world_size=topo.world_size, pin_memory=torch.cuda.is_available())
     loaders = {"train": build_loader(cfg.data, "train", batch_size=cfg.train.micro_batch_size, train=True,
                                      **common)}
     return loaders

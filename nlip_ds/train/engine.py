@@ -16,7 +16,7 @@ import torch
 
 from nlip_ds.config import Config, ConfigError
 from nlip_ds.run.layout import RunFolder
-from nlip_ds.train.optim import build_optimizer
+from nlip_ds.train.optim import Lamb, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,28 @@ def init_distributed(cfg: Config) -> None:
     """Start the process group (gloo on CPU, NCCL on GPU) with the configured collective timeout."""
     import deepspeed
 
+    check_engine_options(cfg)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s),
                                verbose=False)
+
+
+def check_engine_options(cfg: Config) -> None:
+    """Combinations the engine cannot run, refused before any work. fp16 needs GPUs: DeepSpeed's CPU accelerator
+    has no fp16. LAMB's per-tensor trust ratios need ZeRO-3's partition layout (optim.Lamb.use_zero3_layout)
+    and the optimizer step on the ranks' own partitions, so not ZeRO-0/1/2 and not optimizer offload."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: fp16 needs GPUs (DeepSpeed's CPU accelerator supports fp32 and "
+                          "bf16 only); use train.precision=bf16 on CPU ranks")
+    if cfg.optim.name != "lamb":
+        return
+    zero = _load_engine_json(cfg.deepspeed.config).get("zero_optimization", {})
+    if zero.get("stage", 0) != 3:
+        raise ConfigError(f"optim.name: lamb needs ZeRO stage 3 ({cfg.deepspeed.config} sets stage "
+                          f"{zero.get('stage', 0)}); use deepspeed.config=ds_configs/zero3.json, or optim.name=adamw")
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        raise ConfigError(f"optim.name: lamb does not support optimizer offload ({cfg.deepspeed.config}); use "
+                          "deepspeed.config=ds_configs/zero3.json, or optim.name=adamw with offload")
 
 
 def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps: int):
@@ -103,4 +122,6 @@ def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    if isinstance(optimizer, Lamb):  # per-tensor trust ratios over the flat partitions (see optim.py)
+        optimizer.use_zero3_layout(engine.optimizer)
     return engine

@@ -24,7 +24,7 @@ from nlip_ds.run.layout import RunFolder, check_run_folder, step_tag, write_reso
 from nlip_ds.train import engine as E
 from nlip_ds.train.build import build_loaders, build_model, build_tokenizer
 from nlip_ds.train.checkpoint import resume, save
-from nlip_ds.train.nonfinite import NonFiniteGuard
+from nlip_ds.train.nonfinite import NonFiniteGuard, scaler_metrics
 from nlip_ds.train.preempt import Preemption
 from nlip_ds.train.refit import report_refit
 from nlip_ds.train.state import RunState
@@ -184,6 +184,7 @@ def log_step(engine, state: RunState, acc: MetricAccumulator, sink: MetricSink, 
     metrics["train/lr"] = engine.get_lr()[0]
     metrics["train/epoch"] = state.epoch
     metrics["train/nonfinite_skipped"] = state.nonfinite_skipped
+    metrics.update(scaler_metrics(engine, state))
     metrics["throughput/samples_per_s"] = progress.rate(state.step)
     metrics.update(data_skip_metrics(loader))
     sink.log(metrics, state.step)

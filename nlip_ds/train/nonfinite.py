@@ -10,7 +10,8 @@ Only after a skipped step do the ranks exchange which of them saw a non-finite l
 
 Requires the engine's overflow check: ZeRO-3 in every precision, ZeRO-2 in fp32/fp16, ZeRO-2 in bf16 only with
 bf16.check_grad_overflow. With fp16, a skip without a non-finite loss is DeepSpeed's dynamic loss scaler at work
-(it lowers the scale and stops the run itself at its minimum), so it does not count here.
+(it lowers the scale and stops the run itself at its minimum): it is counted apart (state.loss_scale_skipped,
+logged as train/loss_scale_skipped with the current train/loss_scale) and does not count towards the stop.
 """
 from __future__ import annotations
 
@@ -49,7 +50,11 @@ class NonFiniteGuard:
 
     def _record(self, engine, state: RunState, bad_ranks: list[int]) -> None:
         if not bad_ranks and self.fp16:
-            logger.info("step %d: fp16 gradient overflow, the loss scaler lowers the scale", state.step)
+            state.loss_scale_skipped += 1
+            if D.get_rank() == 0:
+                logger.warning("step %d (optimizer step %d) skipped on every rank: fp16 gradient overflow, the "
+                               "loss scaler lowers the scale to %g; %d such skips in this run", state.step,
+                               engine.global_steps, loss_scale(engine), state.loss_scale_skipped)
             return
         state.nonfinite_skipped += 1
         state.nonfinite_streak += 1
@@ -70,3 +75,15 @@ class NonFiniteGuard:
                 "is past the skipped batches. Check the data and the learning rate (optim.lr, optim.grad_clip, "
                 "train.precision), then continue with train.resume=latest; train.max_nonfinite_steps="
                 f"{self.limit} sets how many skipped steps in a row are tolerated.")
+
+
+def loss_scale(engine) -> float:
+    """The dynamic loss scale of an fp16 engine (DeepSpeed's ZeRO optimizers expose it as `loss_scale`)."""
+    return float(getattr(engine.optimizer, "loss_scale", getattr(engine.optimizer, "cur_scale", 1.0)))
+
+
+def scaler_metrics(engine, state: RunState) -> dict:
+    """train/loss_scale and train/loss_scale_skipped of an fp16 run; nothing in fp32/bf16 (no scaler)."""
+    if not engine.fp16_enabled():
+        return {}
+    return {"train/loss_scale": loss_scale(engine), "train/loss_scale_skipped": state.loss_scale_skipped}

@@ -23,6 +23,7 @@ class RunState:
     final_train: dict = field(default_factory=dict)  # the last logged train/* means
     nonfinite_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in this run
     nonfinite_streak: int = 0  # of those, how many in a row up to now
+    loss_scale_skipped: int = 0  # fp16: optimizer steps the dynamic loss scaler skipped (gradient overflow)
     completion: Optional[Any] = None  # completion.completer.Completer (concept cache, caption bank) when enabled
 
     @classmethod
@@ -33,6 +34,7 @@ class RunState:
         # the estimator's keys (bank, noise, history, ...) sit at the top level, where older checkpoints hold them
         return {"epoch": self.epoch, "step": self.step, **self.noise.state_dict(),
                 "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_streak": self.nonfinite_streak,
+                "loss_scale_skipped": self.loss_scale_skipped,
                 "config": config_dict, "git_sha": git_sha,
                 "completion": None if self.completion is None else self.completion.state_dict()}
 
@@ -40,6 +42,7 @@ class RunState:
         self.epoch, self.step = state["epoch"], state["step"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent from older checkpoints
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.loss_scale_skipped = state.get("loss_scale_skipped", 0)
         self.noise.load_state_dict(state)  # reads its own keys
         if self.completion is not None and state.get("completion") is not None:
             self.completion.load_state_dict(state["completion"])

@@ -43,8 +43,8 @@ class NLIPTask(nn.Module):
         img, txt = out["image_features"], out["text_features"]  # (n, D) each, L2-normalized
         img_all, txt_all = all_gather_with_grad(img), all_gather_with_grad(txt)  # (N, D): every rank's n rows
         row_offset = get_rank() * img.shape[0]
-        contrastive, per_sample = self.noise.nitc_loss(img, txt, img_all, txt_all, out["logit_scale"], row_offset,
-                                                       omega)
+        logit_scale = out["logit_scale"].float()  # a bf16/fp16 parameter under DeepSpeed; the loss runs in float32
+        contrastive, per_sample = self.noise.nitc_loss(img, txt, img_all, txt_all, logit_scale, row_offset, omega)
         caption, _ = caption_loss(out["caption_logits"], out["caption_labels"], clean_prob,
                                   label_smoothing=self.label_smoothing)
         terms = {"contrastive_loss": contrastive, "caption_loss": caption}
@@ -54,9 +54,9 @@ class NLIPTask(nn.Module):
             total = total + self.beta * terms["mae_loss"]
         terms["loss"] = total
         if self._trained_pair_differs(batch):  # the estimator sees the data's own pair
-            per_sample = self._estimator_loss(batch, img, img_all, out["logit_scale"], row_offset)
+            per_sample = self._estimator_loss(batch, img, img_all, logit_scale, row_offset)
         terms["per_sample_loss"] = per_sample.detach()
-        terms["logit_scale"] = out["logit_scale"].detach()
+        terms["logit_scale"] = logit_scale.detach()
         return terms
 
     def _trained_pair_differs(self, batch: dict) -> bool:
