@@ -128,6 +128,7 @@ def test_fp16_is_refused_on_cpu_before_any_work():
 
 
 def test_fp16_loss_scaler_skip_is_counted_apart_from_nonfinite_skips():
+    from nlip_ds.noise.estimator import NoiseEstimator
     from nlip_ds.train.nonfinite import NonFiniteGuard, scaler_metrics
     from nlip_ds.train.state import RunState
 
@@ -138,15 +139,16 @@ def test_fp16_loss_scaler_skip_is_counted_apart_from_nonfinite_skips():
         def fp16_enabled(self):
             return True
 
-    state, engine = RunState.create(), Engine()
-    guard = NonFiniteGuard(_tiny_cfg("train.precision=fp16"), "cpu")
+    cfg = _tiny_cfg("train.precision=fp16")
+    state, engine = RunState.create(NoiseEstimator(cfg.noise)), Engine()
+    guard = NonFiniteGuard(cfg, "cpu")
     guard.after_optimizer_step(engine, state, skipped=True)  # finite loss everywhere: the scaler's skip
     assert (state.loss_scale_skipped, state.nonfinite_skipped, state.nonfinite_streak) == (1, 0, 0)
     assert scaler_metrics(engine, state) == {"train/loss_scale": 1024.0, "train/loss_scale_skipped": 1}
     guard.loss_for_backward(torch.tensor(float("nan")))
     guard.after_optimizer_step(engine, state, skipped=True)  # a NaN loss: a non-finite skip
     assert (state.loss_scale_skipped, state.nonfinite_skipped) == (1, 1)
-    restored = RunState.create()
+    restored = RunState.create(NoiseEstimator(cfg.noise))
     restored.load_shared_state(state.shared_state({}, "sha"))
     assert restored.loss_scale_skipped == 1
 
