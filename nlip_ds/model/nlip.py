@@ -234,6 +234,10 @@ class NLIPModel(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{model_dir}: not an NLIPModel export (no {CONFIG_NAME})")
         meta = json.loads(config_path.read_text())
+        if "format_version" not in meta:  # e.g. the config.json of an hf-clip or open_clip export
+            raise ValueError(f"{model_dir}: not an NLIPModel export ({config_path} has no format_version); "
+                             "load an hf-clip or open_clip export with those libraries (docs/export.md), or "
+                             "export with --format nlip")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {meta.get('format_version')!r}, expected "
                              f"{FORMAT_VERSION}")
