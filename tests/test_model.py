@@ -416,3 +416,12 @@ def test_pretrained_pth_is_read_weights_only_and_a_pickled_object_is_refused(tmp
     torch.save({"pos_embed": torch.zeros(1), "payload": _Payload()}, path)
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         ImageEncoder(VisionConfig(pretrained_path=str(path))).init_weights()
+
+
+def test_from_pretrained_names_a_folder_of_another_export_format(tmp_path):
+    """An hf-clip / open_clip export also has a config.json: the error says it is not an nlip export."""
+    from nlip_ds.model import NLIPModel
+
+    (tmp_path / "config.json").write_text('{"architectures": ["CLIPModel"]}')
+    with pytest.raises(ValueError, match=r"not an NLIPModel export .*docs/export.md"):
+        NLIPModel.from_pretrained(tmp_path)
