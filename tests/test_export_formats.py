@@ -120,7 +120,8 @@ def _pil_images(sizes) -> list[Image.Image]:
 @torch.no_grad()
 def test_zero_shot_pipeline_gives_our_predictions(tiny, synth_tokenizer):
     """Scores equal ours where transformers' centre crop and torchvision's agree; (33, 90) resizes to 32 x 87,
-    whose odd margin transformers crops one pixel further left (floor, not round): the same top label there."""
+    whose odd margin transformers crops one pixel further left (floor, not round): the same top label there
+    (its scores move by a few hundredths with the shift, so only the label is compared)."""
     from transformers import AutoImageProcessor, pipeline
 
     from nlip_ds.eval.zeroshot import class_embeddings
@@ -139,8 +140,10 @@ def test_zero_shot_pipeline_gives_our_predictions(tiny, synth_tokenizer):
     for size, result, mine in zip(sizes, classify(images, candidate_labels=labels, hypothesis_template=template),
                                   ours):
         assert result[0]["label"] == labels[int(mine.argmax())], size
+        if size == (33, 90):
+            continue  # a one-pixel shift of the crop moves the scores by up to a few hundredths
         scores = torch.tensor([next(r["score"] for r in result if r["label"] == c) for c in labels])
-        assert _max_diff(scores, mine) <= (TOL if size != (33, 90) else 1e-3), size
+        assert _max_diff(scores, mine) <= TOL, size
 
 
 def test_each_folder_has_a_readme_naming_the_run_and_what_is_left_out(tiny):

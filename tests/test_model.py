@@ -397,6 +397,22 @@ def test_init_weights_sets_every_parameter():
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
 
 
+@pytest.mark.parametrize("layout", ["clip", "timm"])
+def test_image_embeddings_differ_between_images_at_init(layout):
+    """The CLIP layout normalizes the class token before the blocks; with timm's 0.02 weight scale every image
+    then got the same embedding (cosine 1.0000) and small runs barely learned (docs/results.md). CLIP's init
+    scales keep the images apart from the first step."""
+    cfg = VisionConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2, layout=layout)
+    torch.manual_seed(0)
+    encoder = ImageEncoder(cfg)
+    encoder.init_weights()
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pooled = F.normalize(encoder(images).pooled, dim=-1)  # (16, W)
+    cosine = (pooled @ pooled.T)[~torch.eye(16, dtype=torch.bool)]
+    assert cosine.mean() < 0.98, layout  # 0.9999 for the CLIP layout under timm's init
+
+
 def test_init_weights_refuses_partitioned_parameters():
     model = build()
     model.text_proj.weight.data = torch.empty(0)  # what DeepSpeed's zero.Init leaves outside a gather

@@ -1,4 +1,4 @@
-"""`nlip-ds data synth | shards | inspect | concepts | filter`: make and look at the shards training reads,
+"""`nlip-ds data synth | digits | shards | inspect | concepts | filter`: make and look at the shards training reads,
 build a concept vocabulary (noise-completion) from their captions, and copy them filtered by audit scores.
 
 The `nlip-ds` entry point calls `add_subcommands(subparsers)`; `python -m nlip_ds.data.cli data ...` runs the
@@ -44,6 +44,23 @@ def run_synth(args: argparse.Namespace) -> int:
     except USER_ERRORS as exc:
         return _fail("synth", exc)
     print(_synth_text(summary))
+    return 0
+
+
+def run_digits(args: argparse.Namespace) -> int:
+    from nlip_ds.data import digits
+
+    try:
+        with _progress_bar(None, "samples") as bar:
+            summary = digits.build(args.out, noise_rate=args.noise_rate, noise_kind=args.noise_kind, seed=args.seed,
+                                   image_size=args.image_size, progress=bar.update)
+    except (*USER_ERRORS, ImportError) as exc:
+        return _fail("digits", exc)
+    lines = [f"digits dataset in {args.out}"]
+    for name, split in summary["splits"].items():
+        noise = ", ".join(f"{k} {v}" for k, v in split["noise_types"].items() if v)
+        lines.append(f"  {name:5s} {split['num_samples']:5d} samples  ids from {split['first_id']}  ({noise})")
+    print("\n".join(lines))
     return 0
 
 
@@ -193,6 +210,23 @@ def _add_synth(sub) -> None:
     p.set_defaults(func=run_synth)
 
 
+def _add_digits(sub) -> None:
+    from nlip_ds.data.digits import NOISE_KINDS
+
+    p = sub.add_parser("digits", help="real labelled images as noisy pairs: scikit-learn's handwritten digits",
+                       description="Caption scikit-learn's 1,797 handwritten digits from varied templates, split "
+                       "them (train 1,197 / val 200 / test 400, stratified by the seed) and add noise to the train "
+                       "split by the noisy-correspondence protocol: `shuffle` permutes the captions of a fraction "
+                       "of the pairs among themselves, `incomplete` replaces them with web-style strings. Writes "
+                       "OUT/{train,val,test}/ shards, classes.txt, concepts.txt and dataset.json.")
+    p.add_argument("--out", required=True, help="output folder (its shards are replaced)")
+    p.add_argument("--noise-rate", type=float, default=0.0, help="share of train pairs made noisy (default 0)")
+    p.add_argument("--noise-kind", choices=NOISE_KINDS, default="shuffle", help="default shuffle")
+    p.add_argument("--seed", type=int, default=0, help="split, captions and noise (default 0)")
+    p.add_argument("--image-size", type=int, default=32, help="image side after bicubic upscaling (default 32)")
+    p.set_defaults(func=run_digits)
+
+
 def _add_shards(sub) -> None:
     p = sub.add_parser("shards", help="convert image-caption pairs into webdataset shards",
                        description="Convert a JSONL of {\"image\": path, \"caption\": text} lines (paths relative "
@@ -262,12 +296,14 @@ def _add_filter(sub) -> None:
 
 
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
-    """Register `data` with its `synth`, `shards`, `inspect`, `concepts` and `filter` subcommands; returns the
+    """Register `data` with its `synth`, `digits`, `shards`, `inspect`, `concepts` and `filter` subcommands; returns the
     `data` parser."""
     data = subparsers.add_parser("data", help="make and inspect training shards",
                                  description="Make and inspect the webdataset shards that training reads.")
-    sub = data.add_subparsers(dest="data_command", metavar="{synth,shards,inspect,concepts,filter}", required=True)
+    sub = data.add_subparsers(dest="data_command", metavar="{synth,digits,shards,inspect,concepts,filter}",
+                              required=True)
     _add_synth(sub)
+    _add_digits(sub)
     _add_shards(sub)
     _add_inspect(sub)
     _add_concepts(sub)

@@ -115,6 +115,29 @@ def build_vit(cfg: VisionConfig) -> VisionTransformer:
     return vit
 
 
+@torch.no_grad()
+def clip_init(vit: VisionTransformer) -> None:
+    """CLIP's initialization scales (OpenAI CLIP's and open_clip's transformer init) for the CLIP layout.
+
+    timm's init (class token 1e-6, position embedding and every Linear at std 0.02) suits timm's layout, where
+    the class token enters the blocks unnormalized and tiny, so attention fills it with image content. With
+    CLIP's LayerNorm before the blocks, the class token is normalized to full size first; with 0.02 weights the
+    attention adds next to nothing to it, and at init every image gets the same embedding (cosine similarity
+    1.0000 between digits at width 64), a collapsed start that small runs escape slowly or never
+    (docs/results.md). CLIP's scales (width^-0.5 for the tokens and attention inputs, residual outputs scaled by
+    (2 depth)^-0.5) make the blocks' contributions comparable to the residual stream from the first step.
+    """
+    width, depth = vit.embed_dim, len(vit.blocks)
+    scale, residual = width ** -0.5, width ** -0.5 * (2 * depth) ** -0.5
+    nn.init.normal_(vit.cls_token, std=scale)
+    nn.init.normal_(vit.pos_embed, std=scale)
+    for block in vit.blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=scale)
+        nn.init.normal_(block.attn.proj.weight, std=residual)
+        nn.init.normal_(block.mlp.fc1.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.fc2.weight, std=residual)
+
+
 def load_timm_weights(vit: VisionTransformer, path: str | Path) -> None:
     """Load local timm (or OpenAI-CLIP / JAX-converted) ViT weights: .safetensors, or .pth read weights-only.
 
@@ -149,6 +172,7 @@ class ImageEncoder(nn.Module):
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.pretrained_path = cfg.pretrained_path
+        self.layout = cfg.layout
 
     @torch.no_grad()
     def init_weights(self, load_pretrained: bool = True) -> None:
@@ -156,6 +180,8 @@ class ImageEncoder(nn.Module):
         local weights of model.vision.pretrained_path when set."""
         self.vit.weight_init_mode = ""  # "skip" at construction left "reset"; "" selects timm's default init
         self.vit.init_weights()
+        if self.layout == "clip":
+            clip_init(self.vit)
         if self.pretrained_path and load_pretrained:
             load_timm_weights(self.vit, self.pretrained_path)
 
