@@ -1,5 +1,6 @@
 """NoiseEstimator on its own (one process): the L_NITC form table and each form's loss, ε/ω/clean weights, the
 per-step update of the bank, both refit schedules, and its checkpoint state."""
+import math
 import io
 import subprocess
 import sys
@@ -188,3 +189,36 @@ def test_state_round_trip_resumes_the_same_schedule_and_weights(refit_every):
     assert [r.step for r in after] == [r.step for r in again] and after
     for a, b in zip(after, again):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.fit.posterior, b.fit.posterior)
+
+
+# ----------------------------------------------------------------------------------------------- trust test
+
+
+def _refit_on(noise: NoiseEstimator, losses: torch.Tensor):
+    ids = torch.arange(losses.numel())
+    noise.start_epoch(0, 0)
+    noise.observe(ids, losses.float(), flags=(ids % 2).to(torch.int8))
+    return noise.start_epoch(1, 1)
+
+
+def test_a_fit_of_a_model_at_chance_level_leaves_epsilon_at_zero():
+    """Losses spread around ln(32) (a model that cannot tell pairs apart yet): the mixture still splits them,
+    but ε must not discard pairs at random; once the clean pairs' loss is well below chance, the fit is used."""
+    gen = torch.Generator().manual_seed(0)
+    chance = math.log(32)
+    at_chance = chance + 0.2 * torch.randn(200, generator=gen)
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1), contrastive_batch=32)
+    refit = _refit_on(noise, at_chance)
+    assert refit.metrics["noise/trusted"] == 0.0 and refit.fit.noise_rate > 0.0
+    assert torch.equal(noise.weights(torch.arange(200)).epsilon, torch.zeros(200))
+
+    learned = torch.where(torch.arange(200) % 2 == 1, chance + 1.0, 0.4) + 0.1 * torch.randn(200, generator=gen)
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1), contrastive_batch=32)
+    refit = _refit_on(noise, learned)
+    assert refit.metrics["noise/trusted"] == 1.0 and refit.metrics["noise/auc"] > 0.99
+    assert noise.weights(torch.tensor([1])).epsilon.item() > 0.9
+
+    # without a contrastive batch (or with trust_ratio high enough) every fit is used
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, trust_ratio=2.0), contrastive_batch=32)
+    assert _refit_on(noise, at_chance).metrics["noise/trusted"] == 1.0
+    assert NoiseEstimator(NoiseConfig(warmup_epochs=1)).chance_loss is None

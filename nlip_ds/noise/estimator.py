@@ -15,6 +15,7 @@ of a refit belong to the training side (train/refit.py), which receives the `Ref
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
@@ -106,8 +107,11 @@ def refit_schedule(cfg: "NoiseConfig"):
 class NoiseEstimator:
     """Loss bank, refit schedule, ε/ω per sample and the L_NITC form of one run (cfg: the `noise` section)."""
 
-    def __init__(self, cfg: "NoiseConfig"):
+    def __init__(self, cfg: "NoiseConfig", contrastive_batch: Optional[int] = None):
+        """contrastive_batch: the global batch each pair is contrasted against; its ln is the chance loss of the
+        trust test (see `trusted`). None: every fit is trusted."""
         self.cfg = cfg
+        self.chance_loss = math.log(contrastive_batch) if contrastive_batch and contrastive_batch > 1 else None
         self.form = nitc_form(cfg.nitc_mode)
         self.schedule = refit_schedule(cfg)
         self.bank = LossBank()  # grows (dense or compact) as ids arrive
@@ -169,13 +173,37 @@ class NoiseEstimator:
             return None
         n = self.cfg
         fit = fit_gmm(losses, reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter)
-        self.estimate.update(fit, ids)
+        trusted = self.trusted(fit, losses)
+        if trusted:
+            self.estimate.update(fit, ids)
+        else:
+            logger.info("noise refit at epoch %d not used: the pairs it calls clean still have a mean loss above "
+                        "%.2f x the chance loss ln(batch) (noise.trust_ratio); epsilon stays as it was", epoch,
+                        n.trust_ratio)
         metrics = fit_summary(fit, fit.posterior, flags)  # detection metrics over the samples with ground truth
         metrics["noise/samples"] = float(ids.numel())
+        metrics["noise/trusted"] = float(trusted)
         self.history.append({"epoch": epoch, "step": step, **metrics})
         self.last_refit_epoch, self.samples_since_refit = epoch, 0
         self.schedule.after_fit(self.bank)
         return Refit(epoch, step, fit, ids, losses, flags, metrics)
+
+    def trusted(self, fit: GMMFit, losses: torch.Tensor) -> bool:
+        """Whether a fit may set ε: the mean loss of the pairs it calls clean (weighted by 1 - ε) must lie below
+        noise.trust_ratio x ln(contrastive batch), the loss of a model that cannot tell pairs apart.
+
+        Before the model has learned anything every loss sits near that chance level, the mixture splits noise
+        from noise, and ε then discards pairs at random; under reweighting the model learns from the few pairs
+        left, which confirms the fit, and a run at 50% noise collapsed to chance accuracy that way
+        (docs/results.md). Until a fit passes, training stays the CLIP loss."""
+        if self.chance_loss is None or fit.posterior is None:
+            return True
+        finite = torch.isfinite(losses)  # the posterior covers every input, in input order
+        clean = 1.0 - fit.posterior.double()[finite]
+        if float(clean.sum()) <= 0:
+            return False
+        clean_mean = float((clean * losses[finite].double()).sum() / clean.sum())
+        return clean_mean < self.cfg.trust_ratio * self.chance_loss
 
     # ------------------------------------------------------------------------------- checkpoints
 

@@ -57,7 +57,7 @@ def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
     ds_config = E.build_ds_config(cfg, topo.world_size)
     model = build_model(cfg, tokenizer)
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
-    noise = NoiseEstimator(cfg.noise)
+    noise = NoiseEstimator(cfg.noise, contrastive_batch=cfg.train.micro_batch_size * topo.world_size)
     engine = E.initialize(NLIPTask(model, cfg, noise), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
     completion = Completer(cfg, tokenizer, hold=held) if cfg.completion.enabled else None
     state = RunState.create(noise, completion=completion)
