@@ -202,6 +202,13 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def collective_device() -> torch.device:
+    """Where tensors of a collective must live: the current CUDA device under NCCL, else the CPU."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of `x` over ranks (a new tensor; `x` itself with one process). Every rank passes the
     same shape, on a device the backend can reduce on (CUDA for NCCL)."""
