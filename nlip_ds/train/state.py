@@ -39,9 +39,12 @@ class RunState:
                 "completion": None if self.completion is None else self.completion.state_dict()}
 
     def rank_state(self) -> dict:
-        """What this rank saves besides its loader and RNG: its noise-state shard, when sharded."""
+        """What this rank saves besides its loader and RNG: its noise-state and caption shards, when sharded."""
         shard = self.noise.shard_state_dict()
-        return {} if shard is None else {"noise": shard}
+        if shard is None:
+            return {}
+        captions = None if self.completion is None else self.completion.shard_state_dict()
+        return {"noise": shard, "captions": captions}
 
     def load_shared_state(self, state: dict, rank_state: Optional[Callable[[int], dict]] = None) -> None:
         """Restore the shared part; rank_state(r) reads the saved per-rank state of rank r (a sharded noise
@@ -50,10 +53,10 @@ class RunState:
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent from older checkpoints
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.loss_scale_skipped = state.get("loss_scale_skipped", 0)
-        shards = [rank_state(r)["noise"] for r in self.noise.shards_needed(state)]
-        self.noise.load_state_dict(state, shards)  # reads its own keys
+        shards = [rank_state(r) for r in self.noise.shards_needed(state)]
+        self.noise.load_state_dict(state, [s["noise"] for s in shards])  # reads its own keys
         if self.completion is not None and state.get("completion") is not None:
-            self.completion.load_state_dict(state["completion"])
+            self.completion.load_state_dict(state["completion"], [s["captions"] for s in shards])
 
 
 def capture_rng() -> dict:
