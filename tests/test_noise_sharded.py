@@ -200,3 +200,14 @@ def test_kill9_then_resume_of_a_sharded_2_rank_run_matches_the_uninterrupted_run
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), f"step {step}"
     refits = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines() if "noise/rate" in line]
     assert refits, "the run should refit at least once"
+
+
+def test_audit_reads_the_estimate_of_a_sharded_save_from_the_rank_states(tmp_path):
+    from nlip_ds.eval.audit import _sharded_estimate
+    from nlip_ds.run.checkpoint import rank_state_name
+
+    for rank in range(2):
+        ids = torch.arange(rank, 10, 2)
+        torch.save({"noise": {"noise": {"ids": ids, "eps": ids / 10.0}}}, tmp_path / rank_state_name(rank))
+    got = _sharded_estimate(tmp_path, 2)
+    assert dict(zip(got["ids"].tolist(), got["eps"].tolist())) == {i: pytest.approx(i / 10) for i in range(10)}
