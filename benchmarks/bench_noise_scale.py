@@ -22,8 +22,9 @@ Per run (N losses, W simulated ranks; docs/noise.md, "Sharded state"):
   --replicated-max the largest |ε difference| on rank 0's shard against fit_gmm.
 - checkpoint bytes per rank: torch.save of rank 0's shard state (bank and ε); replicated, every rank saves all N
   (the union of the W shards: W times as many bytes, computed).
-- the host cost per step: writing a step's all-gathered rows (W x 256) into a prefilled bank, and the ε lookup of
-  those ids, replicated against sharded.
+- the host cost per step: writing a step's all-gathered rows (W x 256) into a prefilled bank, and the ε lookup
+  (replicated: a rank's own 256 ids in a table of N; sharded: the owner's side of the exchange, all W x 256 ids
+  in a table of N/W). On a GPU the lookup runs on the device; here on the CPU.
 - communication per step and per refit at 8, 64 and 512 ranks: benchmarks/comm_model.py's `noise` table.
 
 Wall times depend on the machine's load: the script prints the load average before and after each run. It runs
@@ -99,7 +100,7 @@ def state_bytes(bank: LossBank, state: NoiseState) -> int:
 
 
 def step_costs(n: int, world: int, fit, repeats: int = 50) -> dict:
-    """µs per step to write W x 256 gathered rows into a bank of n ids and to look up their ε, both layouts."""
+    """µs per step to write the W x 256 gathered rows into a bank of n ids and to look ε up, both layouts."""
     g = torch.Generator().manual_seed(7)
     out = {}
     for name, partition in (("replicated", IdPartition()), ("sharded", IdPartition(0, world))):
@@ -113,12 +114,22 @@ def step_costs(n: int, world: int, fit, repeats: int = 50) -> dict:
         for ids in steps:
             bank.update(ids, torch.rand(ids.numel(), generator=g))
         write = (time.perf_counter() - t) / repeats
+        # Replicated, a rank looks up its own 256 ids; sharded, the owner answers for all W x 256 of the step.
+        queries = steps if name == "sharded" else [ids[:STEP_ROWS_PER_RANK] for ids in steps]
         t = time.perf_counter()
-        for ids in steps:
+        for ids in queries:
             state.epsilon_for(ids)
         out[name] = (write * 1e6, (time.perf_counter() - t) / repeats * 1e6)
         del bank, state
     return out
+
+
+def step_only(n: int, world: int) -> list[str]:
+    fit = fit_gmm(shard_losses(1000, seed=0)[0])
+    step = step_costs(n, world, fit)
+    return [f"## per step, {n:.0e} ids, {world} ranks ({load()}): bank write us {step['replicated'][0]:.0f} "
+            f"replicated, {step['sharded'][0]:.0f} sharded; eps lookup us {step['replicated'][1]:.0f} replicated "
+            f"(256 ids), {step['sharded'][1]:.0f} sharded ({world} x 256 ids)"]
 
 
 def run(n: int, world: int, args) -> list[str]:
@@ -185,7 +196,8 @@ def run(n: int, world: int, args) -> list[str]:
               f"{'%.1f' % (today_fit_s / kept_per_rank) if today_fit_s else '-'} |",
               f"| bank write per step us (W x 256 rows) | {step['replicated'][0]:.0f} | {step['sharded'][0]:.0f} | "
               f"{step['replicated'][0] / step['sharded'][0]:.1f} |",
-              f"| eps lookup per step us (host) | {step['replicated'][1]:.0f} | {step['sharded'][1]:.0f} | "
+              f"| eps lookup per step us (host; 256 vs W x 256 ids) | {step['replicated'][1]:.0f} | "
+              f"{step['sharded'][1]:.0f} | "
               f"{step['replicated'][1] / step['sharded'][1]:.1f} |"]
     if eps_diff is not None:
         lines.append(f"\nlargest |eps sharded - eps fit_gmm| on rank 0's shard: {eps_diff:.1e}")
@@ -203,13 +215,16 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/vit-b32-yfcc26m.yaml"),
                         help="model whose step the communication table compares with")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--step-only", action="store_true", help="only the per-step host costs of each run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.replicated_max, args.step_ids = int(args.replicated_max), int(args.step_ids)
     print(f"torch threads {torch.get_num_threads()}; {load()}", flush=True)
     for spec in args.runs:
         n, world = spec.split(":")
-        print("\n".join(run(int(float(n)), int(world), args)) + "\n", flush=True)
+        n, world = int(float(n)), int(world)
+        lines = step_only(min(n, args.step_ids), world) if args.step_only else run(n, world, args)
+        print("\n".join(lines) + "\n", flush=True)
     print(noise_table(args.config))
 
 
