@@ -37,7 +37,7 @@ def test_one_shard_is_fit_gmm_bit_for_bit(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("world", [2, 4, 7])
+@pytest.mark.parametrize("world", [2, 7])
 @pytest.mark.parametrize("keep_buffers", [True, False])
 def test_any_partition_agrees_with_fit_gmm_within_1e_9(name, world, keep_buffers):
     losses = CASES[name]

@@ -156,8 +156,6 @@ class _Shard:
         """The shard's _Data: kept across passes, or rebuilt into `scratch` (sized for the largest shard)."""
         if self.data is not None:
             return self.data
-        if scratch is None:
-            return _Data.build(_normalize(self.values, bounds))
         n = self.values.numel()
         x = scratch.x[:n]
         x.copy_(self.values).sub_(bounds[0]).div_(bounds[1] - bounds[0]).clamp_(0.0, 1.0)
@@ -177,17 +175,20 @@ class _ShardedEM:
 
     def __init__(self, shards: list[_Shard], bounds: Pair, keep_buffers: bool, reducer: _Reducer):
         self.shards, self.bounds, self.reducer = shards, bounds, reducer
-        largest = max(s.values.numel() for s in shards)
-        x, z, resp = (torch.empty(0 if keep_buffers else largest, dtype=torch.float64) for _ in range(3))
-        self.scratch = None if keep_buffers else _Data(x, 0.0, 0.0, z, resp)
+        self.scratch = None
+        if not keep_buffers:
+            largest = max(s.values.numel() for s in shards)
+            x, z, resp = (torch.empty(largest, dtype=torch.float64) for _ in range(3))
+            self.scratch = _Data(x, 0.0, 0.0, z, resp)
         moments = []
         for shard in shards:
-            data = _Data.build(_normalize(shard.values, bounds)) if keep_buffers else None
-            shard.data = data
-            d = data if data is not None else shard.normalized(bounds, self.scratch)
-            moments.append((_fixed_order_sum(d.x), _fixed_order_sum(torch.mul(d.x, d.x, out=d.z))))
+            if keep_buffers:
+                shard.data = _Data.build(_normalize(shard.values, bounds))  # Σx and Σx² come with it
+                moments.append((shard.data.sum_x, shard.data.sum_xx))
+            else:
+                d = shard.normalized(bounds, self.scratch)
+                moments.append((_fixed_order_sum(d.x), _fixed_order_sum(torch.mul(d.x, d.x, out=d.z))))
         self.sum_x, self.sum_xx = reducer.floats(moments)
-        self.n = sum(s.values.numel() for s in shards)  # local; the caller passes the global count
 
     def _pass(self, params: _Params | None, shard: _Shard) -> tuple[float, float, float, float]:
         """(Σ softplus of the log odds, Σr, Σr·x, Σr·x²) of one shard; the hard split at 0.5 when params is None.
