@@ -109,14 +109,20 @@ def _digit_histogram(keys: torch.Tensor, bits: int, level: int, prefix: int | No
 
 
 def _select_keys(shards: list[torch.Tensor], ranks: list[int], reducer: _Reducer) -> list[float]:
-    """The ranks[i]-th smallest (1-based) of all shards' values, exactly, by a 16-bit-per-level radix select."""
-    keyed = [_order_keys(s) for s in shards]
-    bits = keyed[0][1]
+    """The ranks[i]-th smallest (1-based) of all shards' values, exactly, by a 16-bit-per-level radix select.
+    Every rank passes shards of one dtype (float64, or anything float32 holds exactly). The keys (8 bytes per
+    value) are built again at each level, one shard at a time, so that they never exist for all shards at once."""
+    bits = 64 if shards[0].dtype == torch.float64 else 32
     prefixes: list[int | None] = [None] * len(ranks)
     remaining = list(ranks)
     for level in range(bits // _DIGIT_BITS):
         distinct = sorted(set(prefixes), key=lambda p: -1 if p is None else p)
-        local = torch.stack([sum(_digit_histogram(k, bits, level, p) for k, _ in keyed) for p in distinct])
+        local = torch.zeros(len(distinct), _BINS, dtype=torch.long)
+        for shard in shards:
+            keys, _ = _order_keys(shard)
+            for row, prefix in enumerate(distinct):
+                local[row] += _digit_histogram(keys, bits, level, prefix)
+            del keys
         hists = dict(zip(distinct, reducer.counts(local)))  # prefix -> (2^16,) global counts
         for i, prefix in enumerate(prefixes):
             cum = torch.cumsum(hists[prefix], 0)
@@ -146,9 +152,10 @@ class _Shard:
         raw = torch.as_tensor(raw).detach().reshape(-1).cpu()
         if not raw.is_floating_point():
             raise ValueError(f"fit_gmm_sharded: losses must be floating-point tensors, got {raw.dtype}")
-        self.finite = torch.isfinite(raw)
-        self.all_finite = bool(self.finite.all())
-        self.values = raw if self.all_finite else raw[self.finite]
+        finite = torch.isfinite(raw)
+        self.all_finite = bool(finite.all())
+        self.finite = None if self.all_finite else finite  # 1 byte per loss, kept only when needed
+        self.values = raw if self.all_finite else raw[finite]
         self.n_raw = raw.numel()
         self.data: _Data | None = None
 
