@@ -23,8 +23,8 @@ Per run (N losses, W simulated ranks; docs/noise.md, "Sharded state"):
 - checkpoint bytes per rank: torch.save of rank 0's shard state (bank and ε); replicated, every rank saves all N
   (the union of the W shards: W times as many bytes, computed).
 - the host cost per step: writing a step's all-gathered rows (W x 256) into a prefilled bank, and the ε lookup
-  (replicated: a rank's own 256 ids in a table of N; sharded: the owner's side of the exchange, all W x 256 ids
-  in a table of N/W). On a GPU the lookup runs on the device; here on the CPU.
+  (replicated: a rank's own 256 ids in a table of N; sharded: the owner's side of the exchange over all W x 256
+  ids, of which it looks up its own, in a table of N/W). On a GPU the lookup runs on the device; here on the CPU.
 - communication per step and per refit at 8, 64 and 512 ranks: benchmarks/comm_model.py's `noise` table.
 
 Wall times depend on the machine's load: the script prints the load average before and after each run. It runs
@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.comm_model import ROOT, noise_table  # noqa: E402
 from nlip_ds.noise.bank import LossBank  # noqa: E402
+from nlip_ds.noise.estimator import owned_epsilon  # noqa: E402
 from nlip_ds.noise.gmm import fit_gmm  # noqa: E402
 from nlip_ds.noise.gmm_sharded import fit_gmm_sharded  # noqa: E402
 from nlip_ds.noise.harmonize import NoiseState  # noqa: E402
@@ -118,7 +119,7 @@ def step_costs(n: int, world: int, fit, repeats: int = 50) -> dict:
         queries = steps if name == "sharded" else [ids[:STEP_ROWS_PER_RANK] for ids in steps]
         t = time.perf_counter()
         for ids in queries:
-            state.epsilon_for(ids)
+            owned_epsilon(state, partition, ids)  # what NoiseEstimator.weights runs on each rank (CPU)
         out[name] = (write * 1e6, (time.perf_counter() - t) / repeats * 1e6)
         del bank, state
     return out

@@ -140,7 +140,7 @@ class NoiseEstimator:
         n, rank = sample_ids.numel(), self.partition.rank
         everyone = all_gather_tensor(sample_ids.long())  # (world * n,) the step's ids of every rank
         # Each id's ε from its owner; every other rank adds an exact 0 (it does not own the id).
-        owned = all_reduce_sum(self.estimate.epsilon_for(everyone))  # (world * n,) float32
+        owned = all_reduce_sum(owned_epsilon(self.estimate, self.partition, everyone))  # (world * n,) float32
         return owned[rank * n:(rank + 1) * n]
 
     def nitc_loss(self, img_local, txt_local, img_all, txt_all, logit_scale, row_offset: int,
@@ -281,6 +281,17 @@ class NoiseEstimator:
         ids, eps = ids[mine], eps[mine]
         order = torch.argsort(ids)  # ids are distinct across shards
         return {"ids": ids[order], "eps": eps[order], "fit": states[0]["fit"]}
+
+
+def owned_epsilon(state: NoiseState, partition: IdPartition, ids: torch.Tensor) -> torch.Tensor:
+    """(m,) ids -> ε of those `partition` owns, 0 elsewhere. On the CPU only the owned ids are looked up (1/world
+    of them); on an accelerator all of them, because selecting them would sync with the host."""
+    if ids.device.type != "cpu":
+        return state.epsilon_for(ids)  # ids of other ranks are not in the table: 0
+    out = torch.zeros(ids.shape, dtype=torch.float32)
+    mine = partition.owns(ids)
+    out[mine] = state.epsilon_for(ids[mine])
+    return out
 
 
 def _gather_rows(eps: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
