@@ -107,7 +107,8 @@ def step_costs(n: int, world: int, fit, repeats: int = 50) -> dict:
     for name, partition in (("replicated", IdPartition()), ("sharded", IdPartition(0, world))):
         bank = LossBank(partition=partition)
         owned = torch.arange(partition.rank, n, partition.world)
-        bank.update(owned, torch.ones(owned.numel()))
+        for start in range(0, owned.numel(), CHUNK):  # in chunks: one update packs 24 bytes per row
+            bank.update(owned[start:start + CHUNK], torch.ones(min(CHUNK, owned.numel() - start)))
         state = NoiseState()
         state.update(_with_posterior(fit, torch.full((owned.numel(),), 0.5, dtype=torch.float64)), owned)
         steps = [torch.randint(0, n, (world * STEP_ROWS_PER_RANK,), generator=g) for _ in range(repeats)]
