@@ -213,7 +213,7 @@ class NoiseEstimator:
 
     def _summary(self, fit: GMMFit, flags: torch.Tensor) -> dict:
         """fit_summary over every rank's samples: a sharded state gathers the (ε, flag) of the samples with
-        ground truth (benchmark data only; 9 bytes each) and reduces the mean ε."""
+        ground truth (benchmark data only; 16 bytes each) and reduces the mean ε."""
         if self.partition.replicated:
             return fit_summary(fit, fit.posterior, flags)
         known = flags >= 0
