@@ -3,6 +3,7 @@ implies at stated link bandwidths; plus a cross-check of the byte counts against
 
     python benchmarks/comm_model.py model [--config configs/vit-b32-yfcc26m.yaml]   # the table of docs/scaling.md
     python benchmarks/comm_model.py measure --world 2                                # counted vs predicted, tiny
+    python benchmarks/comm_model.py noise [--config ...]                             # noise.state replicated/sharded
 
 Per step and rank, for ring collectives (each rank sends and receives (W-1)/W of the full buffer):
 
@@ -13,6 +14,12 @@ Per step and rank, for ring collectives (each rank sends and receives (W-1)/W of
   reduce-scattered in the backward (nlip_ds.distributed.all_gather_with_grad);
 - per-sample loss all-gather: (sample id, loss, flag) as float64, N x 24 bytes (nlip_ds/noise/bank.py);
 - GMM refit: no bytes; every rank fits the identical bank (nlip_ds/noise/estimator.py).
+
+With noise.state=sharded (`noise` table) the loss all-gather is the same; each step adds the ε exchange of
+NoiseEstimator.weights (an all-gather of the step's ids, N x 8 bytes, and an all-reduce of their ε, N x 4 bytes,
+counted twice: a ring all-reduce moves its buffer out and back), and each refit the collectives of
+nlip_ds/noise/gmm_sharded.py (three all-reduces of 2^16 int64 counts, a few counts, and per EM pass an all-gather
+of 4 float64 per rank).
 
 `measure` spawns W gloo processes that run real training steps of the tiny config with every
 torch.distributed collective wrapped by a counter (installed before DeepSpeed is imported, which keeps
@@ -295,6 +302,43 @@ def measure(world: int, micro: int) -> str:
     return "\n".join(lines)
 
 
+EPS_EXCHANGE_ROW_BYTES = 8 + 2 * 4  # id all-gather (int64) + ε all-reduce (float32, out and back)
+RADIX_BYTES = 3 * (1 << 16) * 8  # the bounds' radix select: three all-reduces of 2^16 int64 counts
+EM_PASSES = 25  # moments + hard split + EM iterations (tol 1e-4 on bimodal losses: about 20) + final posterior
+
+
+def noise_state_bytes(world: int, micro: int, accum: int) -> dict[str, float]:
+    """Payload of the noise state per rank: per step (both layouts) and per refit (sharded; replicated sends
+    nothing), as full buffers (an all-reduce counted twice)."""
+    n_global = micro * world
+    return {"step loss all-gather": accum * n_global * BANK_ROW_BYTES,
+            "step eps exchange": accum * n_global * EPS_EXCHANGE_ROW_BYTES,
+            "refit": RADIX_BYTES + 2 * 3 * 8 + EM_PASSES * 4 * 8 * world + 16 * world}
+
+
+def noise_table(config: str, global_batch: int = 32768) -> str:
+    """Per-step and per-refit communication of noise.state=sharded at 8, 64 and 512 ranks, and the step's
+    extra time against the modelled step of the paper model (ZeRO-3, first fabric)."""
+    s, _ = paper_shape(config)
+    f = FABRICS[0]
+    lines = [f"noise state, global batch {global_batch}, {f.name}: bytes per rank (full buffers); the extra "
+             "step time is the ε exchange (two collectives) over the modelled ZeRO-3 step", "",
+             "| GPUs | micro x accum | loss all-gather MB/step (both) | eps exchange MB/step (sharded) "
+             "| eps exchange ms | step ms | extra % | refit KB (sharded; replicated 0) |", "|" + "---|" * 8]
+    for world in (8, 64, 512):
+        nodes = max(1, world // GPUS_PER_NODE)
+        micro, accum = micro_and_accum(global_batch, world)
+        b, c = step_bytes(s, world, micro, accum), collectives_per_step(s, accum)
+        step = global_batch / world * s.flops_per_sample / (GPU_EFFECTIVE_TFLOPS * 1e12)
+        step += sum(collective_seconds(b[k], c[k], nodes, f) for k in b)
+        nb = noise_state_bytes(world, micro, accum)
+        extra = collective_seconds(nb["step eps exchange"], 2 * accum, nodes, f)
+        lines.append(f"| {world} | {micro} x {accum} | {nb['step loss all-gather'] / 1e6:.2f} | "
+                     f"{nb['step eps exchange'] / 1e6:.2f} | {extra * 1e3:.2f} | {(step + extra) * 1e3:.0f} | "
+                     f"{100 * extra / step:.2f} | {nb['refit'] / 1e3:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,7 +347,12 @@ def main() -> None:
     p = sub.add_parser("measure")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--micro", type=int, default=8)
+    p = sub.add_parser("noise")
+    p.add_argument("--config", default=str(ROOT / "configs/vit-b32-yfcc26m.yaml"))
     args = parser.parse_args()
+    if args.command == "noise":
+        print(noise_table(args.config))
+        return
     print(model_table(args.config) if args.command == "model" else measure(args.world, args.micro))
 
 

@@ -169,6 +169,9 @@ class NoiseConfig:
     tol: float = opt(1e-4, "EM stopping tolerance on the mean log-likelihood (1e-2, the method's, stops EM after "
                             "2 iterations on real loss shapes: docs/noise.md)", lo=0.0)
     max_iter: int = opt(100, "EM iterations at most", lo=1)
+    state: str = opt("replicated", "where the per-sample noise state lives: replicated (every rank holds every "
+                     "sample's loss and epsilon) or sharded (each rank its 1/world slice, id mod world size; "
+                     "docs/noise.md)", choices=("replicated", "sharded"))
 
 
 @dataclass

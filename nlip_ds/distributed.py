@@ -202,6 +202,23 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def collective_device() -> torch.device:
+    """Where tensors of a collective must live: the current CUDA device under NCCL, else the CPU."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of `x` over ranks (a new tensor; `x` itself with one process). Every rank passes the
+    same shape, on a device the backend can reduce on (CUDA for NCCL)."""
+    if get_world_size() == 1:
+        return x
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
     """Largest `value` over ranks (used for lockstep loops: keep going while any rank has work).
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -40,6 +40,7 @@ from nlip_ds.completion import policy as P
 from nlip_ds.completion.caption_store import SyntheticCaptionStore
 from nlip_ds.completion.concepts import ConceptCache, load_vocabulary
 from nlip_ds.model.generation import GenerationOptions
+from nlip_ds.noise.partition import IdPartition
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ def _no_hold(module: torch.nn.Module) -> ContextManager:
 
 
 class Completer:
-    def __init__(self, cfg, tokenizer, hold: Callable[[torch.nn.Module], ContextManager] = _no_hold):
-        """`hold(decoder)` keeps C_d's parameters whole around each generate call (ZeRO-3: train/zero.py)."""
+    def __init__(self, cfg, tokenizer, hold: Callable[[torch.nn.Module], ContextManager] = _no_hold,
+                 partition: Optional[IdPartition] = None):
+        """`hold(decoder)` keeps C_d's parameters whole around each generate call (ZeRO-3: train/zero.py);
+        `partition`: the ids whose captions this rank keeps (the noise estimator's: noise.state)."""
         self.c = cfg.completion
         self.hold = hold
         self.options = GenerationOptions(self.c.strategy, self.c.max_tokens, self.c.min_tokens, self.c.top_p,
@@ -76,7 +79,7 @@ class Completer:
         self.tokenizer = tokenizer
         self.special = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id}
         self.cache = ConceptCache(load_vocabulary(self.c.vocabulary))
-        self.captions = SyntheticCaptionStore(self.c.max_tokens, tokenizer.pad_id)
+        self.captions = SyntheticCaptionStore(self.c.max_tokens, tokenizer.pad_id, partition)
         self.generated = 0  # synthetic captions generated so far, all ranks (identical on every rank)
         self._changed_share = None  # (,) device sum of the per-step share of changed captions since the last log
         self._steps = 0
@@ -114,18 +117,20 @@ class Completer:
     def _complete(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor):
         ids = batch["sample_id"].tolist()
         picked = P.select(self.c.policy, eps, batch["sample_id"], self.seed, state.epoch).tolist()
-        fresh = self.captions.fresh(ids, state.epoch, self.c.refresh_every_epochs)
+        stored = self.captions.lookup(batch["sample_id"])  # sharded: one exchange with the ids' owners
+        fresh = stored.fresh(state.epoch, self.c.refresh_every_epochs)
         need = [i for i, (p, f) in enumerate(zip(picked, fresh)) if p and not f][:self.c.per_step_budget]
         device = batch["image"].device
         if self.c.per_step_budget and D.all_reduce_max(len(need), device) > 0:
             self._caption_into_store(model, batch, need, state)
-        rows = [i for i, p in enumerate(picked) if p and ids[i] in self.captions]
+            stored = self.captions.lookup(batch["sample_id"])  # with this step's new captions
+        rows = [i for i, p in enumerate(picked) if p and bool(stored.present[i])]
         changed = torch.zeros(len(ids), dtype=torch.bool, device=device)
         batch["orig_input_ids"], batch["orig_attention_mask"] = batch["input_ids"], batch["attention_mask"]
         if rows:
             index = torch.tensor(rows, device=device)
             new_ids, new_mask = P.caption_rows(self.c.policy, batch["input_ids"][index].cpu(),
-                                               self.captions.get([ids[i] for i in rows]), bos_id=self.tokenizer.bos_id,
+                                               stored.tokens[rows], bos_id=self.tokenizer.bos_id,
                                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                                                special=self.special)
             batch["input_ids"] = batch["input_ids"].index_copy(0, index, new_ids.to(device))
@@ -191,7 +196,10 @@ class Completer:
         """At a log step, on every rank together: completion/generated (cumulative over the run, all ranks),
         completion/stored_captions, completion/replaced (share of pairs that trained on a synthetic caption since the
         last log, all ranks) and the pending text panels."""
-        metrics = {"completion/generated": self.generated, "completion/stored_captions": len(self.captions)}
+        stored = len(self.captions)
+        if not self.captions.partition.replicated:  # each rank holds its slice
+            stored = int(D.all_reduce_sum(torch.tensor([stored], device=D.collective_device())).item())
+        metrics = {"completion/generated": self.generated, "completion/stored_captions": stored}
         if self._steps:
             share = self._changed_share.detach().float().reshape(1) / self._steps
             if D.get_world_size() > 1:
@@ -207,11 +215,21 @@ class Completer:
     # ------------------------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        return {"concepts": self.cache.state_dict(), "captions": self.captions.state_dict(), "generated": self.generated}
+        """Identical on every rank; a sharded caption store is in shard_state_dict instead (captions None)."""
+        captions = self.captions.state_dict() if self.captions.partition.replicated else None
+        return {"concepts": self.cache.state_dict(), "captions": captions, "generated": self.generated}
 
-    def load_state_dict(self, state: dict) -> None:
+    def shard_state_dict(self) -> Optional[dict]:
+        """This rank's captions when the store is sharded (for its rank state), else None."""
+        return None if self.captions.partition.replicated else self.captions.state_dict()
+
+    def load_state_dict(self, state: dict, shards: Optional[list[dict]] = None) -> None:
+        """`shards`: the saved caption slices this rank needs when the save was sharded (captions None)."""
         self.cache.load_state_dict(state["concepts"])
-        self.captions.load_state_dict(state["captions"])
+        saved = [state["captions"]] if state["captions"] is not None else list(shards or [])
+        if not saved:
+            raise ValueError("caption store: the checkpoint saved its captions in per-rank slices; none was given")
+        self.captions.load_shards(saved)
         self.generated = int(state["generated"])
 
 

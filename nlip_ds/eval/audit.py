@@ -337,11 +337,21 @@ def training_estimate(loaded, cfg, data: str, tag: Optional[str]) -> tuple[Optio
         state = read_shared_state(root / tag)
     except CheckpointError as exc:
         return None, str(exc)
-    noise = state.get("noise") or {}
+    noise = state.get("noise") or _sharded_estimate(root / tag, state.get("noise_shards", 0))
     if not len(noise.get("ids", ())):
         return None, f"checkpoint {root / tag} holds no noise estimate yet (no refit before it)"
     clean = (1.0 - noise["eps"].double()).tolist()
     return dict(zip(noise["ids"].tolist(), clean)), f"the last refit saved in {root / tag}"
+
+
+def _sharded_estimate(folder: Path, shards: int) -> dict:
+    """ε by sample id of a noise.state=sharded save: each rank state holds the ids of one rank (disjoint)."""
+    from nlip_ds.run.checkpoint import load_rank_state
+
+    parts = [load_rank_state(folder, rank)["noise"]["noise"] for rank in range(shards)]
+    if not parts:
+        return {}
+    return {"ids": torch.cat([p["ids"] for p in parts]), "eps": torch.cat([p["eps"] for p in parts])}
 
 
 # ------------------------------------------------------------------------------------------------ the report's pairs

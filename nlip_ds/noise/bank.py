@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from nlip_ds.distributed import all_gather_tensor
+from nlip_ds.noise.partition import IdPartition
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +183,16 @@ class LossBank:
         layout: "auto" (dense, compact once ids turn sparse), "dense" or "compact".
         pad_to: pad every rank's rows to this many before the all-gather, so ranks whose last batch is short
             still pass equal shapes; without it every rank must pass the same n at every step.
+        partition: keep only the ids this rank owns (noise.state=sharded), stored under their local index
+            (partition.py); the default owns every id. The all-gather is the same either way.
     """
 
-    def __init__(self, capacity: int = 0, *, layout: str = "auto", pad_to: int | None = None):
+    def __init__(self, capacity: int = 0, *, layout: str = "auto", pad_to: int | None = None,
+                 partition: IdPartition | None = None):
         if layout not in ("auto", "dense", "compact"):
             raise ValueError(f"LossBank: layout must be 'auto', 'dense' or 'compact', got {layout!r}")
         self.capacity, self.requested_layout, self.pad_to = capacity, layout, pad_to
+        self.partition = partition or IdPartition()
         self._store = _CompactStore() if layout == "compact" else _DenseStore(capacity)
         self._inflight: collections.deque[_Inflight] = collections.deque()
         self.epoch = 0
@@ -233,6 +238,11 @@ class LossBank:
             return
         _check_ids(rows[:, 0])
         ids = rows[:, 0].long()
+        if not self.partition.replicated:
+            mine = self.partition.owns(ids)
+            rows, ids = rows[mine], self.partition.local(ids[mine])
+            if ids.numel() == 0:
+                return
         keep = _last_occurrence(ids)  # (k,) ascending ids
         ids = ids[keep]
         self._fit_layout(ids)
@@ -254,7 +264,7 @@ class LossBank:
         in ascending id order."""
         self.flush()
         ids, losses, flags, _ = self._store.select(int(epoch))
-        return ids, losses, flags
+        return self.partition.to_global(ids), losses, flags
 
     def __len__(self) -> int:
         """Number of distinct sample ids stored (rows still in flight not counted; call flush() first)."""
@@ -265,19 +275,38 @@ class LossBank:
         return self._store.nbytes()
 
     def state_dict(self) -> dict:
-        """Stored samples in ascending id order, as plain tensors (torch.load(weights_only=True) loads it)."""
+        """Stored samples in ascending (global) id order, as plain tensors (torch.load(weights_only=True) loads
+        it); a sharded bank's holds its own ids only."""
         self.flush()
         ids, losses, flags, epochs = self._store.entries()
-        return {"ids": ids.clone(), "losses": losses.clone(), "flags": flags.clone(), "epochs": epochs.clone(),
-                "epoch": self.epoch, "layout": self.layout}
+        return {"ids": self.partition.to_global(ids), "losses": losses.clone(), "flags": flags.clone(),
+                "epochs": epochs.clone(), "epoch": self.epoch, "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
+        self.load_shards([state])
+
+    def load_shards(self, states: list[dict]) -> None:
+        """Restore from the state dicts of one bank or of the shards of a sharded one (saved at any world size):
+        the ids this bank owns, which re-partitions a sharded state for another world size."""
         self.flush()
-        entries = (state["ids"].long(), state["losses"].float(), state["flags"].to(torch.int8),
-                   state["epochs"].to(torch.int32))
+        parts = [self._owned(s) for s in states]
+        entries = tuple(torch.cat(column) for column in zip(*parts))
+        if len(parts) > 1:
+            order = torch.argsort(entries[0])  # ids are distinct across shards
+            entries = tuple(column[order] for column in entries)
+        state = states[0]
         layout = state["layout"] if self.requested_layout == "auto" else self.requested_layout
         self._store = _CompactStore(entries) if layout == "compact" else self._dense_from(entries)
         self.epoch = int(state["epoch"])
+
+    def _owned(self, state: dict) -> Entries:
+        """A state dict's entries of the ids this bank owns, under their local index."""
+        ids = state["ids"].long()
+        entries = (ids, state["losses"].float(), state["flags"].to(torch.int8), state["epochs"].to(torch.int32))
+        if self.partition.replicated:
+            return entries
+        mine = self.partition.owns(ids)
+        return (self.partition.local(ids[mine]), *(column[mine] for column in entries[1:]))
 
     def _dense_from(self, entries: Entries) -> _DenseStore:
         ids, losses, flags, epochs = entries

@@ -8,25 +8,31 @@ the refit schedule, ω = λ·ε and the form of L_NITC (forms.py). The train loo
     noise.observe(ids, l, flags)                # after the step: one all-gather of (id, loss, flag) rows
     refit = noise.refit_if_due(epoch, step)     # after the step (streaming) / noise.start_epoch(...) (epochs)
 
-Every rank holds the identical bank (one all-gather per step), so every rank computes the identical fit from
-identical inputs: no broadcast, and the result does not depend on the number of ranks. Logging, plots and files
-of a refit belong to the training side (train/refit.py), which receives the `Refit` returned here.
+With noise.state=replicated every rank holds the identical bank (one all-gather per step), so every rank computes
+the identical fit from identical inputs: no broadcast, and the result does not depend on the number of ranks.
+With noise.state=sharded every rank keeps, from the same all-gather, only the ids it owns (id mod world size,
+partition.py): the bank and ε of 1/world of the samples. A refit is then one distributed fit (gmm_sharded.py) and
+ε of a batch comes from the ids' owners in one small exchange per step (`weights`); checkpoints save each rank's
+slice in its own rank state (`shard_state_dict`). docs/noise.md, "Sharded state". Logging, plots and files of a
+refit belong to the training side (train/refit.py), which receives the `Refit` returned here.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
-from nlip_ds.distributed import get_world_size
+from nlip_ds.distributed import all_gather_tensor, all_reduce_max, all_reduce_sum, collective_device, get_world_size
 from nlip_ds.noise.bank import UNKNOWN, LossBank
 from nlip_ds.noise.forms import nitc_form
 from nlip_ds.noise.gmm import GMMFit, fit_gmm
+from nlip_ds.noise.gmm_sharded import fit_gmm_sharded
 from nlip_ds.noise.harmonize import NoiseState, penalty_term
 from nlip_ds.noise.metrics import fit_summary
+from nlip_ds.noise.partition import IdPartition
 from nlip_ds.ops import fused_contrastive_loss
 
 if TYPE_CHECKING:
@@ -50,7 +56,7 @@ class Refit:
     epoch: int
     step: int
     fit: GMMFit  # fit.posterior is ε, in the order of `ids`
-    ids: torch.Tensor  # (k,) int64 ascending
+    ids: torch.Tensor  # (k,) int64 ascending; with a sharded state, this rank's ids only
     losses: torch.Tensor  # (k,) float32
     flags: torch.Tensor  # (k,) int8: 1 noisy, 0 clean, -1 unknown
     metrics: dict  # noise/* floats (metrics.fit_summary plus noise/samples)
@@ -105,16 +111,21 @@ def refit_schedule(cfg: "NoiseConfig"):
 
 
 class NoiseEstimator:
-    """Loss bank, refit schedule, ε/ω per sample and the L_NITC form of one run (cfg: the `noise` section)."""
+    """Loss bank, refit schedule, ε/ω per sample and the L_NITC form of one run (cfg: the `noise` section).
+    partition: the ids this rank keeps; by default every id (noise.state=replicated) or this rank's slice of the
+    process group (sharded)."""
 
-    def __init__(self, cfg: "NoiseConfig", contrastive_batch: Optional[int] = None):
+    def __init__(self, cfg: "NoiseConfig", partition: Optional[IdPartition] = None,
+                 contrastive_batch: Optional[int] = None):
         """contrastive_batch: the global batch each pair is contrasted against; its ln is the chance loss of the
         trust test (see `trusted`). None: every fit is trusted."""
         self.cfg = cfg
         self.chance_loss = math.log(contrastive_batch) if contrastive_batch and contrastive_batch > 1 else None
         self.form = nitc_form(cfg.nitc_mode)
         self.schedule = refit_schedule(cfg)
-        self.bank = LossBank()  # grows (dense or compact) as ids arrive
+        sharded = getattr(cfg, "state", "replicated") == "sharded"
+        self.partition = partition or (IdPartition.of_process_group() if sharded else IdPartition())
+        self.bank = LossBank(partition=self.partition)  # grows (dense or compact) as ids arrive
         self.estimate = NoiseState()  # the last fit and ε per sample id
         self.last_refit_epoch = -1
         self.samples_since_refit = 0
@@ -123,9 +134,19 @@ class NoiseEstimator:
     # ------------------------------------------------------------------------------- every step
 
     def weights(self, sample_ids: torch.Tensor) -> NoiseWeights:
-        """(n,) ids -> ε, ω = λ·ε and 1 - ε on the ids' device (one lookup, no host sync)."""
-        eps = self.estimate.epsilon_for(sample_ids)
+        """(n,) ids -> ε, ω = λ·ε and 1 - ε on the ids' device (one lookup, no host sync). With a sharded
+        state, collective on every rank once a fit exists (every rank passes the same n)."""
+        eps = self._epsilon(sample_ids)
         return NoiseWeights(eps, self.cfg.lambda_ * eps, 1.0 - eps)
+
+    def _epsilon(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        if self.partition.replicated or not self.estimate.fitted:  # `fitted` flips on every rank at once
+            return self.estimate.epsilon_for(sample_ids)
+        n, rank = sample_ids.numel(), self.partition.rank
+        everyone = all_gather_tensor(sample_ids.long())  # (world * n,) the step's ids of every rank
+        # Each id's ε from its owner; every other rank adds an exact 0 (it does not own the id).
+        owned = all_reduce_sum(owned_epsilon(self.estimate, self.partition, everyone))  # (world * n,) float32
+        return owned[rank * n:(rank + 1) * n]
 
     def nitc_loss(self, img_local, txt_local, img_all, txt_all, logit_scale, row_offset: int,
                   omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,20 +189,20 @@ class NoiseEstimator:
     def _refit(self, epoch: int, step: int) -> Optional[Refit]:
         """GMM on the losses of the schedule's last round -> ε per sample id."""
         ids, losses, flags = self.bank.losses_since(self.schedule.window_start(self.bank))
-        if ids.numel() < 2:
-            logger.warning("noise refit skipped: only %d sample(s) in the bank", ids.numel())
+        total = self._global_count(ids.numel())
+        if total < 2:
+            logger.warning("noise refit skipped: only %d sample(s) in the bank", total)
             return None
-        n = self.cfg
-        fit = fit_gmm(losses, reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter)
+        fit = self._fit(losses)
         trusted = self.trusted(fit, losses)
         if trusted:
             self.estimate.update(fit, ids)
         else:
             logger.info("noise refit at epoch %d not used: the pairs it calls clean still have a mean loss above "
                         "%.2f x the chance loss ln(batch) (noise.trust_ratio); epsilon stays as it was", epoch,
-                        n.trust_ratio)
-        metrics = fit_summary(fit, fit.posterior, flags)  # detection metrics over the samples with ground truth
-        metrics["noise/samples"] = float(ids.numel())
+                        self.cfg.trust_ratio)
+        metrics = self._summary(fit, flags)  # detection metrics over the samples with ground truth
+        metrics["noise/samples"] = float(total)
         metrics["noise/trusted"] = float(trusted)
         self.history.append({"epoch": epoch, "step": step, **metrics})
         self.last_refit_epoch, self.samples_since_refit = epoch, 0
@@ -190,33 +211,126 @@ class NoiseEstimator:
 
     def trusted(self, fit: GMMFit, losses: torch.Tensor) -> bool:
         """Whether a fit may set ε: the mean loss of the pairs it calls clean (weighted by 1 - ε) must lie below
-        noise.trust_ratio x ln(contrastive batch), the loss of a model that cannot tell pairs apart.
+        noise.trust_ratio x ln(contrastive batch), the loss of a model that cannot tell pairs apart; over every
+        rank's losses when the state is sharded (one small all-reduce), so all ranks decide alike.
 
         Before the model has learned anything every loss sits near that chance level, the mixture splits noise
         from noise, and ε then discards pairs at random; under reweighting the model learns from the few pairs
         left, which confirms the fit, and a run at 50% noise collapsed to chance accuracy that way
-        (docs/results.md). Until a fit passes, training stays the CLIP loss."""
+        (docs/noise.md). Until a fit passes, training stays the CLIP loss."""
         if self.chance_loss is None or fit.posterior is None:
             return True
         finite = torch.isfinite(losses)  # the posterior covers every input, in input order
         clean = 1.0 - fit.posterior.double()[finite]
-        if float(clean.sum()) <= 0:
-            return False
-        clean_mean = float((clean * losses[finite].double()).sum() / clean.sum())
-        return clean_mean < self.cfg.trust_ratio * self.chance_loss
+        sums = torch.stack([(clean * losses[finite].double()).sum(), clean.sum()])  # (2,)
+        if not self.partition.replicated:
+            sums = all_reduce_sum(sums.to(collective_device())).cpu()
+        weighted, weight = sums.tolist()
+        return weight > 0 and weighted / weight < self.cfg.trust_ratio * self.chance_loss
+
+    def _global_count(self, local: int) -> int:
+        if self.partition.replicated:
+            return local
+        return int(all_reduce_sum(torch.tensor([local], device=collective_device())).item())
+
+    def _fit(self, losses: torch.Tensor) -> GMMFit:
+        """The mixture of the window's losses (this rank's shard of them when sharded), with ε per loss."""
+        n = self.cfg
+        if self.partition.replicated:
+            return fit_gmm(losses, reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter)
+        sharded = fit_gmm_sharded([losses], reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter,
+                                  device=collective_device())
+        return replace(sharded.fit, posterior=sharded.posteriors[0])
+
+    def _summary(self, fit: GMMFit, flags: torch.Tensor) -> dict:
+        """fit_summary over every rank's samples: a sharded state gathers the (ε, flag) of the samples with
+        ground truth (benchmark data only; 16 bytes each) and reduces the mean ε."""
+        if self.partition.replicated:
+            return fit_summary(fit, fit.posterior, flags)
+        known = flags >= 0
+        eps, labels = _gather_rows(fit.posterior[known], flags[known])
+        metrics = fit_summary(fit, eps, labels)
+        device = collective_device()
+        sums = all_reduce_sum(torch.tensor([float(fit.posterior.sum()), fit.posterior.numel()],
+                                           dtype=torch.float64, device=device)).tolist()
+        metrics["noise/mean_eps"] = sums[0] / sums[1]
+        return metrics
 
     # ------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
         """Plain tensors, numbers and lists, identical on every rank. The keys are those that the run's shared
-        checkpoint state held before this class existed, so checkpoints of either version resume."""
-        return {"bank": self.bank.state_dict(), "noise": self.estimate.state_dict(),
-                "last_refit_epoch": self.last_refit_epoch, "samples_since_refit": self.samples_since_refit,
-                "history": self.history}
+        checkpoint state held before this class existed, so checkpoints of either version resume. A sharded
+        state keeps its bank and ε out of it (`shard_state_dict`) and records the number of shards."""
+        shared = {"last_refit_epoch": self.last_refit_epoch, "samples_since_refit": self.samples_since_refit,
+                  "history": self.history}
+        if self.partition.replicated:
+            return {"bank": self.bank.state_dict(), "noise": self.estimate.state_dict(), **shared}
+        return {"noise_shards": self.partition.world, **shared}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.bank.load_state_dict(state["bank"])
-        self.estimate.load_state_dict(state["noise"])
+    def shard_state_dict(self) -> Optional[dict]:
+        """This rank's slice of a sharded state (its bank, its ε and the fit), for its own checkpoint file;
+        None when the state is replicated (state_dict holds all of it)."""
+        if self.partition.replicated:
+            return None
+        return {"rank": self.partition.rank, "world": self.partition.world, "bank": self.bank.state_dict(),
+                "noise": self.estimate.state_dict()}
+
+    def shards_needed(self, state: dict) -> list[int]:
+        """Which saved shards (ranks of the saving run) `load_state_dict` needs for the shared `state`: none for a
+        replicated save, this rank's own at the same partition, every one otherwise (re-partitioning)."""
+        saved = state.get("noise_shards")
+        if saved is None:
+            return []
+        if saved == self.partition.world and not self.partition.replicated:
+            return [self.partition.rank]
+        return list(range(saved))
+
+    def load_state_dict(self, state: dict, shards: Optional[list[dict]] = None) -> None:
+        """Restore from a checkpoint's shared `state` and, for a sharded save, the saved shards that
+        `shards_needed` names (any world size: the ids this rank owns are kept)."""
+        wanted = self.shards_needed(state)
+        if wanted:
+            got = sorted(s["rank"] for s in shards or [])
+            if got != wanted:
+                raise ValueError(f"noise state: the checkpoint holds {state['noise_shards']} shards of the noise "
+                                 f"state; this rank needs shards {wanted}, got {got}")
+            banks, estimates = [s["bank"] for s in shards], [s["noise"] for s in shards]
+        else:
+            banks, estimates = [state["bank"]], [state["noise"]]
+        self.bank.load_shards(banks)
+        self.estimate.load_state_dict(self._owned_estimate(estimates))
         self.last_refit_epoch = state["last_refit_epoch"]
         self.samples_since_refit = state["samples_since_refit"]
         self.history = list(state["history"])
+
+    def _owned_estimate(self, states: list[dict]) -> dict:
+        """NoiseState's state dict of the ids this rank owns, from one or more saved ones."""
+        ids = torch.cat([s["ids"].long() for s in states])
+        eps = torch.cat([s["eps"].float() for s in states])
+        mine = self.partition.owns(ids)
+        ids, eps = ids[mine], eps[mine]
+        order = torch.argsort(ids)  # ids are distinct across shards
+        return {"ids": ids[order], "eps": eps[order], "fit": states[0]["fit"]}
+
+
+def owned_epsilon(state: NoiseState, partition: IdPartition, ids: torch.Tensor) -> torch.Tensor:
+    """(m,) ids -> ε of those `partition` owns, 0 elsewhere. On the CPU only the owned ids are looked up (1/world
+    of them); on an accelerator all of them, because selecting them would sync with the host."""
+    if ids.device.type != "cpu":
+        return state.epsilon_for(ids)  # ids of other ranks are not in the table: 0
+    out = torch.zeros(ids.shape, dtype=torch.float32)
+    mine = partition.owns(ids)
+    out[mine] = state.epsilon_for(ids[mine])
+    return out
+
+
+def _gather_rows(eps: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (k_r,) ε and flags, concatenated in rank order (k_r may differ: padded to the largest)."""
+    device = collective_device()
+    longest = all_reduce_max(eps.numel(), device)
+    rows = torch.full((longest, 2), -1.0, dtype=torch.float64, device=device)
+    rows[:eps.numel(), 0], rows[:eps.numel(), 1] = eps.to(device), flags.to(device)
+    everyone = all_gather_tensor(rows).cpu()
+    everyone = everyone[everyone[:, 1] >= 0]
+    return everyone[:, 0], everyone[:, 1].to(torch.int8)

@@ -113,20 +113,35 @@ def _e_step(data: _Data, params: _Params) -> float:
     _posterior_into(data.x, params, data.z, data.resp)
     # log p(x) = log w0·N0(x) + softplus(log odds); the first term's mean needs only the data moments.
     softplus = torch.logaddexp(data.z, torch.zeros((), dtype=data.z.dtype), out=data.z)
+    return _mean_log_likelihood(params, data.n, data.sum_x, data.sum_xx, _fixed_order_sum(softplus))
+
+
+def _mean_log_likelihood(params: _Params, n: int, sum_x: float, sum_xx: float, sum_softplus: float) -> float:
+    """Mean log-likelihood from the data moments and the sum of softplus(log odds) under `params`."""
     m0, v0, w0 = params.means[0], params.variances[0], params.weights[0]
-    mean_sq_dev0 = (data.sum_xx - 2.0 * m0 * data.sum_x) / data.n + m0 * m0
+    mean_sq_dev0 = (sum_xx - 2.0 * m0 * sum_x) / n + m0 * m0
     mean_log_first = _log(w0) - 0.5 * (_LOG_2PI + math.log(v0)) - 0.5 * mean_sq_dev0 / v0
-    return mean_log_first + _fixed_order_sum(softplus) / data.n
+    return mean_log_first + sum_softplus / n
+
+
+def _responsibility_sums(data: _Data) -> tuple[float, float, float]:
+    """(sum r, sum r·x, sum r·x²) of the responsibilities in data.resp (uses data.z as scratch)."""
+    n1_raw = _fixed_order_sum(data.resp)
+    rx = torch.mul(data.resp, data.x, out=data.z)
+    s1 = _fixed_order_sum(rx)
+    return n1_raw, s1, _fixed_order_sum(rx.mul_(data.x))
 
 
 def _m_step(data: _Data, reg_covar: float) -> _Params:
     """Weights, means and variances from the responsibilities in data.resp (scikit-learn's M-step)."""
-    n1_raw = _fixed_order_sum(data.resp)
-    rx = torch.mul(data.resp, data.x, out=data.z)
-    s1 = _fixed_order_sum(rx)
-    q1 = _fixed_order_sum(rx.mul_(data.x))
-    nk = (data.n - n1_raw + 10 * _EPS, n1_raw + 10 * _EPS)
-    sums, squares = (data.sum_x - s1, s1), (data.sum_xx - q1, q1)
+    return _params_from_sums(data.n, data.sum_x, data.sum_xx, *_responsibility_sums(data), reg_covar)
+
+
+def _params_from_sums(n: int, sum_x: float, sum_xx: float, n1_raw: float, s1: float, q1: float,
+                      reg_covar: float) -> _Params:
+    """scikit-learn's M-step from the sufficient statistics: the data moments and the responsibility sums."""
+    nk = (n - n1_raw + 10 * _EPS, n1_raw + 10 * _EPS)
+    sums, squares = (sum_x - s1, s1), (sum_xx - q1, q1)
     means = tuple(s / k for s, k in zip(sums, nk))
     variances = tuple(max(q / k - m * m, 0.0) + reg_covar for q, m, k in zip(squares, means, nk))
     weights = tuple(k / (nk[0] + nk[1]) for k in nk)

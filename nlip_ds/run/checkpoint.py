@@ -335,11 +335,12 @@ def open_for_resume(folder: Path, config: dict, shapes: dict, zero_stage: int) -
     return manifest
 
 
-def load_rank_state(folder: Path) -> dict:
-    """This rank's loader position and RNG states, saved beside the engine's files."""
+def load_rank_state(folder: Path, rank: int | None = None) -> dict:
+    """This rank's (or `rank`'s) loader position, RNG states and noise-state shard, saved beside the engine's
+    files."""
     from nlip_ds.distributed import get_rank
 
-    return torch.load(Path(folder) / rank_state_name(get_rank()), weights_only=True)
+    return torch.load(Path(folder) / rank_state_name(get_rank() if rank is None else rank), weights_only=True)
 
 
 def read_shared_state(folder: Path) -> dict:

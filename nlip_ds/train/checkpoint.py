@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from nlip_ds.config import Config, git_sha, to_dict
+from nlip_ds.distributed import get_rank
 from nlip_ds.run import checkpoint as C
 from nlip_ds.run.layout import step_tag
 from nlip_ds.train.state import RunState, capture_rng, restore_rng
@@ -23,7 +24,7 @@ def save(engine, cfg: Config, state: RunState, loader) -> None:
     """Checkpoint step<state.step>: the engine, the run state (same on every rank), each rank's loader and RNG."""
     shared = state.shared_state(to_dict(cfg), git_sha())
     path = save_checkpoint(engine, cfg, step_tag(state.step), shared,
-                           {"loader": loader.state_dict(), "rng": capture_rng()})
+                           {"loader": loader.state_dict(), "rng": capture_rng(), **state.rank_state()})
     logger.info("checkpoint %s written", path)
 
 
@@ -33,7 +34,8 @@ def resume(engine, cfg: Config, state: RunState, loader) -> None:
     if found is None:
         return
     shared, mine = load_checkpoint(engine, cfg, *found)
-    state.load_shared_state(shared)
+    folder = Path(found[0]) / found[1]
+    state.load_shared_state(shared, lambda rank: mine if rank == get_rank() else C.load_rank_state(folder, rank))
     loader.load_state_dict(mine["loader"])
     restore_rng(mine["rng"])
     logger.info("resumed from %s/%s at epoch %d, step %d", found[0], found[1], state.epoch, state.step)

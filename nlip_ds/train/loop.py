@@ -59,7 +59,7 @@ def run_training(cfg: Config, topo: D.Topology, watch: D.PeerWatch) -> dict:
     steps_per_epoch = loaders["train"].num_batches // cfg.train.grad_accum
     noise = NoiseEstimator(cfg.noise, contrastive_batch=cfg.train.micro_batch_size * topo.world_size)
     engine = E.initialize(NLIPTask(model, cfg, noise), cfg, ds_config, steps_per_epoch * cfg.train.epochs)
-    completion = Completer(cfg, tokenizer, hold=held) if cfg.completion.enabled else None
+    completion = Completer(cfg, tokenizer, hold=held, partition=noise.partition) if cfg.completion.enabled else None
     state = RunState.create(noise, completion=completion)
     resume(engine, cfg, state, loaders["train"])
     watch.step = lambda: state.step

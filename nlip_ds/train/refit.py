@@ -36,7 +36,7 @@ def report_refit(cfg: Config, sink: MetricSink, refit: Optional[Refit]) -> None:
     metrics = refit.metrics
     auc = f", AUC {metrics['noise/auc']:.3f}" if "noise/auc" in metrics else ""
     logger.info("noise refit at epoch %d on %d samples: estimated noise rate %.3f%s", refit.epoch,
-                refit.losses.numel(), metrics.get("noise/rate", float("nan")), auc)
+                int(metrics["noise/samples"]), metrics.get("noise/rate", float("nan")), auc)
 
 
 def _save_refit_data(cfg: Config, refit: Refit) -> None:

@@ -1,14 +1,14 @@
 """Everything a run carries besides the engine: counters, the noise estimator, the completer, RNG states.
 
 Split in two for checkpoints: the shared part is identical on every rank (counters, the noise estimator's bank,
-fit and schedule) and goes through DeepSpeed's client state; the per-rank part (loader position, RNG) is saved
-by each rank.
+fit and schedule) and goes through DeepSpeed's client state; the per-rank part (loader position, RNG, and with
+noise.state=sharded this rank's slice of the bank and ε) is saved by each rank.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,14 +38,25 @@ class RunState:
                 "config": config_dict, "git_sha": git_sha,
                 "completion": None if self.completion is None else self.completion.state_dict()}
 
-    def load_shared_state(self, state: dict) -> None:
+    def rank_state(self) -> dict:
+        """What this rank saves besides its loader and RNG: its noise-state and caption shards, when sharded."""
+        shard = self.noise.shard_state_dict()
+        if shard is None:
+            return {}
+        captions = None if self.completion is None else self.completion.shard_state_dict()
+        return {"noise": shard, "captions": captions}
+
+    def load_shared_state(self, state: dict, rank_state: Optional[Callable[[int], dict]] = None) -> None:
+        """Restore the shared part; rank_state(r) reads the saved per-rank state of rank r (a sharded noise
+        state needs this rank's own, or every rank's when the partition changed)."""
         self.epoch, self.step = state["epoch"], state["step"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)  # absent from older checkpoints
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.loss_scale_skipped = state.get("loss_scale_skipped", 0)
-        self.noise.load_state_dict(state)  # reads its own keys
+        shards = [rank_state(r) for r in self.noise.shards_needed(state)]
+        self.noise.load_state_dict(state, [s["noise"] for s in shards])  # reads its own keys
         if self.completion is not None and state.get("completion") is not None:
-            self.completion.load_state_dict(state["completion"])
+            self.completion.load_state_dict(state["completion"], [s["captions"] for s in shards])
 
 
 def capture_rng() -> dict:
