@@ -161,7 +161,7 @@ class NoiseConfig:
     penalty_mu: float = opt(1.0, "mu of the penalty form", lo=0.0)
     refit_every: Optional[int] = opt(None, "refit every N samples (streaming data) instead of per epoch",
                                      lo=1)
-    trust_ratio: float = opt(0.5, "a refit sets epsilon only when the pairs it calls clean have a mean loss below this "
+    trust_ratio: float = opt(0.8, "a refit sets epsilon only when the pairs it calls clean have a mean loss below this "
                              "fraction of the chance loss ln(global batch); until then the loss stays CLIP's, "
                              "since a fit of a model that has not learned yet discards pairs at random "
                              "(docs/noise.md); 1 or more turns the test off in practice", lo=0.0)

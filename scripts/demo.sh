@@ -25,3 +25,5 @@ export OMP_NUM_THREADS=$(( $(nproc) / RANKS > 0 ? $(nproc) / RANKS : 1 ))
 deepspeed --num_gpus "$RANKS" --master_port "${MASTER_PORT:-29533}" --module nlip_ds.cli train \
   --config configs/tiny-cpu.yaml "data.train=$DATA/train" "data.val=$DATA/val" "data.test=$DATA/test" \
   "data.tokenizer=$DATA/tokenizer" "train.output_dir=$RUN" "$@"
+# The run's evaluation beside the CLIP loss's at the same budget (recorded once, scripts/demo_compare.py).
+python scripts/demo_compare.py "$RUN"
