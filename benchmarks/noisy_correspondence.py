@@ -127,6 +127,12 @@ def make_data(args: argparse.Namespace, out: Path, kind: str, level: float) -> P
             other = "--incomplete-rate" if kind == "shuffle" else "--incorrect-rate"
             nlip_ds("data", "synth", "--out", str(data), "--num-samples", str(args.samples), "--seed", "0",
                     rate, str(level), other, "0", "--overwrite", log=log, threads=os.cpu_count() or 1)
+    # The tokenizer now, once: the variants of a cell train at the same time and would each train it.
+    from nlip_ds.config import load_config
+    from nlip_ds.data.tokenizer import ensure_tokenizer
+
+    ensure_tokenizer(str(data / "tokenizer"), str(data / "train"), data / "tokenizer",
+                     load_config(args.config).data.vocab_size)
     return data
 
 
