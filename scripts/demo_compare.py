@@ -49,7 +49,7 @@ def record(run: Path) -> None:
 def compare(run: Path) -> str:
     mine = _summary(run)["eval"]
     if not REFERENCE.is_file():
-        return f"(no CLIP-loss reference in {REFERENCE.relative_to(ROOT)}: see its module docstring)"
+        return f"(no CLIP-loss reference in {REFERENCE}: see scripts/demo_compare.py)"
     ref = json.loads(REFERENCE.read_text())
     lines = ["", f"=== this run vs the CLIP loss at the same budget (measured at commit {ref['commit']} on "
              f"{ref['date']}: {ref['command']}) ===", f"{'':18s} {'this run':>9s} {'CLIP loss':>9s}"]
