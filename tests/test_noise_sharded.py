@@ -39,7 +39,7 @@ def run(noise: NoiseEstimator, rows_of_step) -> list:
 
 
 def replicated(world: int) -> NoiseEstimator:
-    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1))
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1), contrastive_batch=N * world)
     run(noise, lambda step: tuple(torch.cat(p) for p in zip(*(rank_rows(step, r) for r in range(world)))))
     return noise
 
@@ -47,7 +47,8 @@ def replicated(world: int) -> NoiseEstimator:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, state="sharded"))
+        # the trust test's sums are reduced over ranks, so every rank decides alike
+        noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, state="sharded"), contrastive_batch=N * world)
         assert noise.partition == IdPartition(rank, world)
         refits = run(noise, lambda step: rank_rows(step, rank))
         eps = noise.weights(query(rank))  # one exchange: the owners answer
@@ -88,6 +89,7 @@ def test_sharded_ranks_hold_slices_of_the_replicated_estimate(sharded_run):
     for rank, g in enumerate(got):
         assert bool((g["shard"]["bank"]["ids"] % world == rank).all())  # only its own ids
         assert g["shared"]["history"] == got[0]["shared"]["history"]
+        assert [h["noise/trusted"] for h in g["shared"]["history"]] == [1.0] * (EPOCHS - 1)
         torch.testing.assert_close(g["eps"], ref.weights(query(rank)).epsilon, rtol=0, atol=1e-6)
     bank = union([g["shard"] for g in got], "bank", BANK_KEYS)
     assert all(torch.equal(bank[k], ref_state["bank"][k]) for k in BANK_KEYS)
