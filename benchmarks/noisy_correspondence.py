@@ -132,7 +132,7 @@ def make_data(args: argparse.Namespace, out: Path, kind: str, level: float) -> P
     from nlip_ds.data.tokenizer import ensure_tokenizer
 
     ensure_tokenizer(str(data / "tokenizer"), str(data / "train"), data / "tokenizer",
-                     load_config(args.config).data.vocab_size)
+                     load_config(args.config, list(args.overrides)).data.vocab_size)
     return data
 
 
