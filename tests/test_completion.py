@@ -333,7 +333,8 @@ def _train_ds(synth_dir: Path, run_dir: Path, tok_dir: Path, *extra: str) -> sub
            f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
            f"data.tokenizer={tok_dir}", f"train.output_dir={run_dir}", "train.micro_batch_size=16",
            "data.workers=0", "eval.batch_size=16", "monitor.progress=false", "monitor.log_every=2",
-           "train.epochs=2", "noise.warmup_epochs=1", "completion.enabled=true", "completion.start_epoch=1",
+           "train.epochs=2", "noise.warmup_epochs=1", "noise.trust_ratio=10",  # use every fit: 2 epochs learn little
+           "completion.enabled=true", "completion.start_epoch=1",
            f"completion.vocabulary={synth_dir / 'concepts.txt'}", "completion.refresh_concepts_every=6",
            "completion.per_step_budget=2", "completion.max_tokens=8", "completion.min_tokens=2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
