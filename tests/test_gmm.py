@@ -46,8 +46,25 @@ def sklearn_posterior(x: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndar
                          weights_init=weights, means_init=means.reshape(2, 1),
                          precisions_init=(1.0 / variances).reshape(2, 1, 1), init_params="random_from_data")
     gm.fit(x.reshape(-1, 1))
+    return monotone_posterior(gm, x), gm
+
+
+def monotone_posterior(gm: GaussianMixture, x: np.ndarray) -> np.ndarray:
+    """scikit-learn's posterior of the high-mean component made non-decreasing in x, as ε is documented: a
+    running maximum from the left where that component is the narrower one (its tail would call the highest
+    losses clean), a running minimum from the right where it is the wider one. Evaluated over x and a fine grid
+    of [0, 1] together, so the envelope does not depend on where the samples fall."""
     high = int(np.argmax(gm.means_.ravel()))
-    return gm.predict_proba(x.reshape(-1, 1))[:, high], gm
+    points = np.concatenate([x, np.linspace(0.0, 1.0, 100_001)])
+    order = np.argsort(points, kind="stable")
+    p = gm.predict_proba(points.reshape(-1, 1))[:, high][order]
+    if gm.covariances_.ravel()[high] < gm.covariances_.ravel()[1 - high]:
+        p = np.maximum.accumulate(p)
+    else:
+        p = np.minimum.accumulate(p[::-1])[::-1]
+    envelope = np.empty_like(p)
+    envelope[order] = p
+    return envelope[:x.size]
 
 
 CASES = {
@@ -73,6 +90,29 @@ def test_matches_sklearn(name, tol, max_iter):
     np.testing.assert_allclose(fit.weights, gm.weights_[order], atol=1e-6)
     np.testing.assert_allclose(fit.variances, gm.covariances_.ravel()[order], rtol=1e-6)
     assert fit.means[0] <= fit.means[1]
+
+
+def test_epsilon_never_falls_as_the_loss_rises():
+    """A Gaussian mixture's posterior turns back in the tail of the wider component. A model that has learned
+    little spreads the clean pairs' losses widely while most noisy pairs sit in a tight cluster near chance, with
+    a tail above it; the plain posterior then calls that tail, the pairs with the largest losses of all, clean.
+    ε is clamped to the monotone side of the turn."""
+    g = torch.Generator().manual_seed(11)
+    clean = 2.0 + 0.8 * torch.randn(3000, generator=g)
+    cluster, tail = 3.4 + 0.05 * torch.randn(2400, generator=g), 3.5 + 0.5 * torch.randn(600, generator=g).abs()
+    losses = torch.cat([clean, cluster, tail])
+    fit = fit_gmm(losses, tol=1e-4)
+    assert fit.variances[1] < fit.variances[0]  # the noisy component is the narrow one
+    x = fit.normalize(losses).numpy()
+    _, gm = sklearn_posterior(x, 1e-4, 100)
+    plain = gm.predict_proba(x.reshape(-1, 1))[:, int(np.argmax(gm.means_.ravel()))]
+    top = losses > 3.8  # above the cluster: noisy pairs of the tail (and a few clean ones)
+    assert plain[top.numpy()].mean() < 0.5  # the plain posterior calls them clean
+    eps = fit.posterior
+    assert eps[top].min() >= eps[3000:5400].median() and eps[top].mean() > 0.9
+    order = torch.argsort(losses, stable=True)
+    assert (eps[order].diff() >= 0).all()
+    assert torch.equal(fit.noise_probability(losses), eps)
 
 
 def test_estimates_the_noise_rate():

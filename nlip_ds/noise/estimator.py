@@ -194,12 +194,12 @@ class NoiseEstimator:
             logger.warning("noise refit skipped: only %d sample(s) in the bank", total)
             return None
         fit = self._fit(losses)
-        trusted = self.trusted(fit, losses)
+        trusted = self.trusted(fit)
         if trusted:
             self.estimate.update(fit, ids)
         else:
-            logger.info("noise refit at epoch %d not used: the pairs it calls clean still have a mean loss above "
-                        "%.2f x the chance loss ln(batch) (noise.trust_ratio); epsilon stays as it was", epoch,
+            logger.info("noise refit at epoch %d not used: its clean component's mean loss is still above %.2f x "
+                        "the chance loss ln(batch) (noise.trust_ratio); epsilon stays as it was", epoch,
                         self.cfg.trust_ratio)
         metrics = self._summary(fit, flags)  # detection metrics over the samples with ground truth
         metrics["noise/samples"] = float(total)
@@ -209,24 +209,22 @@ class NoiseEstimator:
         self.schedule.after_fit(self.bank)
         return Refit(epoch, step, fit, ids, losses, flags, metrics)
 
-    def trusted(self, fit: GMMFit, losses: torch.Tensor) -> bool:
-        """Whether a fit may set ε: the mean loss of the pairs it calls clean (weighted by 1 - ε) must lie below
-        noise.trust_ratio x ln(contrastive batch), the loss of a model that cannot tell pairs apart; over every
-        rank's losses when the state is sharded (one small all-reduce), so all ranks decide alike.
+    def trusted(self, fit: GMMFit) -> bool:
+        """Whether a fit may set ε: the mean of its clean component, in loss units, must lie below
+        noise.trust_ratio x ln(contrastive batch), the loss of a model that cannot tell pairs apart. The fit's
+        parameters are global, so every rank decides alike with no communication.
 
         Before the model has learned anything every loss sits near that chance level, the mixture splits noise
         from noise, and ε then discards pairs at random; under reweighting the model learns from the few pairs
         left, which confirms the fit, and a run at 50% noise collapsed to chance accuracy that way
-        (docs/noise.md). Until a fit passes, training stays the CLIP loss."""
-        if self.chance_loss is None or fit.posterior is None:
+        (docs/noise.md). Until a fit passes, training stays the CLIP loss. The component mean, not the ε-weighted
+        mean of the losses: ε is clamped to rise with the loss, so a fit that calls most pairs noisy puts its
+        clean weight on the lowest losses alone, which pass the test whether or not the model has learned."""
+        if self.chance_loss is None:
             return True
-        finite = torch.isfinite(losses)  # the posterior covers every input, in input order
-        clean = 1.0 - fit.posterior.double()[finite]
-        sums = torch.stack([(clean * losses[finite].double()).sum(), clean.sum()])  # (2,)
-        if not self.partition.replicated:
-            sums = all_reduce_sum(sums.to(collective_device())).cpu()
-        weighted, weight = sums.tolist()
-        return weight > 0 and weighted / weight < self.cfg.trust_ratio * self.chance_loss
+        lo, hi = fit.bounds
+        clean_mean = lo + fit.means[0] * (hi - lo)
+        return clean_mean < self.cfg.trust_ratio * self.chance_loss
 
     def _global_count(self, local: int) -> int:
         if self.partition.replicated:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from nlip_ds.distributed import all_gather_tensor, all_reduce_sum, get_world_size
-from nlip_ds.noise.gmm import (GMMFit, Pair, _check_args, _Data, _degenerate_fit, _fixed_order_sum,
+from nlip_ds.noise.gmm import (GMMFit, Pair, _check_args, _Data, _degenerate_fit, _epsilon_into, _fixed_order_sum,
                                _mean_log_likelihood, _normalize, _Params, _params_from_sums, _posterior_into,
                                _responsibility_sums)
 
@@ -232,8 +232,9 @@ class _ShardedEM:
         partial, posteriors = [], []
         for shard in self.shards:
             partial.append(self._pass(params, shard))
-            resp = shard.normalized(self.bounds, self.scratch).resp
-            posteriors.append(shard.posterior(resp, prior_of) if keep_posterior else None)
+            d = shard.normalized(self.bounds, self.scratch)
+            posteriors.append(shard.posterior(_epsilon_into(d.x, params, d.z, d.resp), prior_of)
+                              if keep_posterior else None)
         softplus = self.reducer.floats(partial)[0]
         return _mean_log_likelihood(params, n, self.sum_x, self.sum_xx, softplus), posteriors
 
