@@ -28,8 +28,9 @@ elsewhere. The seed is the training seed (model init, data order, augmentation);
 fixed (data seed 0), so the seeds of a cell differ in training alone.
 Runs are single processes (DeepSpeed ZeRO-3 at world size 1), `--jobs` at a time with the cores split between
 them; a finished run is reused, so an interrupted benchmark continues where it stopped (`--fresh` retrains).
-The report goes into the section between `<!-- noisy-correspondence:DATASET -->` markers of --doc (appended
-when absent), so the digits and synthetic reports live side by side in docs/results.md.
+The report goes into the section between `<!-- noisy-correspondence:SECTION -->` markers of --doc (appended
+when absent; SECTION is --section, by default the dataset), so the digits and synthetic reports, and a report
+at another budget, live side by side in docs/results.md.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=list(DATASETS), default="digits")
     p.add_argument("--out", default=None, help="data and run folders (default runs/noisy_correspondence/DATASET)")
     p.add_argument("--doc", default="docs/results.md", help="markdown report (plots go to <doc stem>/)")
+    p.add_argument("--section", default=None, help="name of the report's section of --doc and of its plot "
+                   "(default: the dataset's; another name keeps a second report, e.g. at another budget, beside it)")
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--levels", type=float, nargs="*", default=[0.0, 0.2, 0.5, 0.8], help="shuffle noise rates")
     p.add_argument("--incomplete-levels", type=float, nargs="*", default=[0.5], help="incomplete noise rates")
@@ -100,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.epochs = args.epochs or DATASETS[args.dataset]["epochs"]
     args.out = args.out or f"runs/noisy_correspondence/{args.dataset}"
+    args.section = args.section or args.dataset
     if not 0 < args.jobs <= 16 or args.seeds < 1 or args.epochs < 1 or args.samples < 10:
         p.error("--jobs must be in 1..16, --seeds >= 1, --epochs >= 1, --samples >= 10")
     bad = [lvl for lvl in args.levels + args.incomplete_levels if not 0.0 <= lvl < 1.0]
@@ -266,7 +270,7 @@ def plot(runs: list[Run], args: argparse.Namespace, figures: Path) -> Path:
     fig.axes[0].legend(fontsize="small")
     fig.tight_layout()
     figures.mkdir(parents=True, exist_ok=True)
-    path = figures / f"noisy_correspondence_{args.dataset}.png"
+    path = figures / f"noisy_correspondence_{args.section}.png"
     fig.savefig(path)
     return path
 
@@ -278,7 +282,8 @@ def report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: float,
     source = ("scikit-learn's handwritten digits (`nlip-ds data digits`: 1,197 train / 200 val / 400 test images, "
               "10 classes)" if args.dataset == "digits" else
               f"synthetic shapes (`nlip-ds data synth`, {args.samples} training samples, 8 classes)")
-    lines = [f"## Noisy correspondence: {args.dataset}", "",
+    title = args.dataset if args.section == args.dataset else f"{args.dataset} ({args.section})"
+    lines = [f"## Noisy correspondence: {title}", "",
              f"Produced by `{command}` ({os.cpu_count()} cores, {args.jobs} run(s) at a time): the runs took "
              f"{sum(r.seconds for r in runs) / 60:.1f} minutes in total, this call {elapsed / 60:.1f} minutes of "
              f"wall time ({sum(r.reused for r in runs)} of {len(runs)} runs reused). Data: {source}; config "
@@ -308,9 +313,9 @@ def report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: float,
     return "\n".join(lines)
 
 
-def write_section(doc: Path, dataset: str, text: str) -> None:
-    """Replace (or append) the section between this dataset's markers, leaving the rest of the document."""
-    start, end = f"<!-- noisy-correspondence:{dataset} -->", f"<!-- /noisy-correspondence:{dataset} -->"
+def write_section(doc: Path, section: str, text: str) -> None:
+    """Replace (or append) the section between this section's markers, leaving the rest of the document."""
+    start, end = f"<!-- noisy-correspondence:{section} -->", f"<!-- /noisy-correspondence:{section} -->"
     old = doc.read_text() if doc.is_file() else ""
     block = f"{start}\n{text.rstrip()}\n{end}"
     if start in old and end in old:
@@ -334,7 +339,7 @@ def main(argv=None) -> int:
     pixels = raw_pixel_probe(runs[0].data) if args.dataset == "digits" else None
     doc = Path(args.doc).resolve()
     text = report(runs, args, doc, time.monotonic() - start, command.strip(), pixels)
-    write_section(doc, args.dataset, text)
+    write_section(doc, args.section, text)
     (out / "results.json").write_text(json.dumps(
         [{"kind": r.kind, "level": r.level, "variant": r.variant, "seed": r.seed, "metrics": r.metrics,
           "error": r.error, "seconds": round(r.seconds, 1)} for r in runs], indent=2) + "\n")

@@ -161,10 +161,12 @@ class NoiseConfig:
     penalty_mu: float = opt(1.0, "mu of the penalty form", lo=0.0)
     refit_every: Optional[int] = opt(None, "refit every N samples (streaming data) instead of per epoch",
                                      lo=1)
-    trust_ratio: float = opt(0.8, "a refit sets epsilon only when the pairs it calls clean have a mean loss below this "
+    trust_ratio: float = opt(0.8, "a refit sets epsilon only when its clean component's mean loss is below this "
                              "fraction of the chance loss ln(global batch); until then the loss stays CLIP's, "
                              "since a fit of a model that has not learned yet discards pairs at random "
                              "(docs/noise.md); 1 or more turns the test off in practice", lo=0.0)
+    max_rate: float = opt(0.9, "a refit that calls more than this fraction of the pairs noisy is not used (its clean "
+                          "component is the low tail of a model at chance; docs/noise.md)", lo=0.0, hi=1.0)
     reg_covar: float = opt(5e-4, "variance floor of the mixture", lo=0.0)
     tol: float = opt(1e-4, "EM stopping tolerance on the mean log-likelihood (1e-2, the method's, stops EM after "
                             "2 iterations on real loss shapes: docs/noise.md)", lo=0.0)

@@ -222,3 +222,36 @@ def test_a_fit_of_a_model_at_chance_level_leaves_epsilon_at_zero():
     noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, trust_ratio=2.0), contrastive_batch=32)
     assert _refit_on(noise, at_chance).metrics["noise/trusted"] == 1.0
     assert NoiseEstimator(NoiseConfig(warmup_epochs=1)).chance_loss is None
+
+
+def test_a_fit_that_calls_nearly_every_pair_noisy_is_not_used():
+    """A model at chance with a few lucky pairs: the mixture's clean component is that low tail (mean well below
+    chance, so the first test passes), and the fit calls 97% of the pairs noisy. Reweighting by it would train on
+    almost nothing; noise.max_rate refuses it."""
+    gen = torch.Generator().manual_seed(1)
+    chance = math.log(32)
+    losses = torch.cat([0.5 + 0.1 * torch.randn(6, generator=gen), chance + 0.2 * torch.randn(194, generator=gen)])
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1), contrastive_batch=32)
+    refit = _refit_on(noise, losses)
+    lo, hi = refit.fit.bounds
+    assert refit.fit.noise_rate > 0.9 and lo + refit.fit.means[0] * (hi - lo) < 0.8 * chance  # passes the first test
+    assert refit.metrics["noise/trusted"] == 0.0
+    assert torch.equal(noise.weights(torch.arange(200)).epsilon, torch.zeros(200))
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, max_rate=1.0), contrastive_batch=32)
+    assert _refit_on(noise, losses).metrics["noise/trusted"] == 1.0
+
+
+def test_a_failing_fit_sets_epsilon_back_to_zero():
+    """ε of a passing fit describes the model of that epoch; when the next fit fails, training goes back to the
+    CLIP loss rather than keep weights from a model that no longer exists."""
+    gen = torch.Generator().manual_seed(2)
+    chance = math.log(32)
+    ids = torch.arange(200)
+    learned = torch.where(ids % 2 == 1, chance + 1.0, 0.4) + 0.1 * torch.randn(200, generator=gen)
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1), contrastive_batch=32)
+    assert _refit_on(noise, learned).metrics["noise/trusted"] == 1.0
+    assert noise.weights(ids).epsilon[1::2].min() > 0.9
+    noise.observe(ids, (chance + 0.2 * torch.randn(200, generator=gen)).float(), flags=(ids % 2).to(torch.int8))
+    refit = noise.start_epoch(2, 2)
+    assert refit.metrics["noise/trusted"] == 0.0
+    assert torch.equal(noise.weights(ids).epsilon, torch.zeros(200)) and not noise.estimate.fitted

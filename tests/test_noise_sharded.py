@@ -47,7 +47,7 @@ def replicated(world: int) -> NoiseEstimator:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        # the trust test's sums are reduced over ranks, so every rank decides alike
+        # the trust test reads the fit's global parameters, so every rank decides alike
         noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, state="sharded"), contrastive_batch=N * world)
         assert noise.partition == IdPartition(rank, world)
         refits = run(noise, lambda step: rank_rows(step, rank))

@@ -45,3 +45,10 @@ def test_toy_benchmark_writes_its_section_and_resumes(tmp_path):
     out = _bench(*args)  # a second call reuses both finished runs and replaces the section
     assert out.count(", reused)") == 2
     assert doc.read_text().count("<!-- noisy-correspondence:digits -->") == 1
+
+    _bench(*args, "--section", "digits-toy")  # a second report beside the first, with its own plot
+    text = doc.read_text()
+    assert text.count("<!-- noisy-correspondence:digits -->") == 1
+    assert text.count("<!-- noisy-correspondence:digits-toy -->") == 1
+    assert "## Noisy correspondence: digits (digits-toy)" in text
+    assert (tmp_path / "results" / "noisy_correspondence_digits-toy.png").is_file()

@@ -194,13 +194,14 @@ class NoiseEstimator:
             logger.warning("noise refit skipped: only %d sample(s) in the bank", total)
             return None
         fit = self._fit(losses)
-        trusted = self.trusted(fit)
-        if trusted:
+        reason = self.distrust(fit)
+        if reason is None:
             self.estimate.update(fit, ids)
         else:
-            logger.info("noise refit at epoch %d not used: its clean component's mean loss is still above %.2f x "
-                        "the chance loss ln(batch) (noise.trust_ratio); epsilon stays as it was", epoch,
-                        self.cfg.trust_ratio)
+            self.estimate.clear()
+            logger.info("noise refit at epoch %d not used: %s; epsilon is 0 (the CLIP loss) until a fit passes",
+                        epoch, reason)
+        trusted = reason is None
         metrics = self._summary(fit, flags)  # detection metrics over the samples with ground truth
         metrics["noise/samples"] = float(total)
         metrics["noise/trusted"] = float(trusted)
@@ -209,22 +210,34 @@ class NoiseEstimator:
         self.schedule.after_fit(self.bank)
         return Refit(epoch, step, fit, ids, losses, flags, metrics)
 
-    def trusted(self, fit: GMMFit) -> bool:
-        """Whether a fit may set ε: the mean of its clean component, in loss units, must lie below
-        noise.trust_ratio x ln(contrastive batch), the loss of a model that cannot tell pairs apart. The fit's
-        parameters are global, so every rank decides alike with no communication.
+    def distrust(self, fit: GMMFit) -> Optional[str]:
+        """Why a fit may not set ε, or None when it may (docs/noise.md, "Trust test"). The fit's parameters are
+        global, so every rank decides alike with no communication. Two tests:
 
-        Before the model has learned anything every loss sits near that chance level, the mixture splits noise
-        from noise, and ε then discards pairs at random; under reweighting the model learns from the few pairs
-        left, which confirms the fit, and a run at 50% noise collapsed to chance accuracy that way
-        (docs/noise.md). Until a fit passes, training stays the CLIP loss. The component mean, not the ε-weighted
-        mean of the losses: ε is clamped to rise with the loss, so a fit that calls most pairs noisy puts its
-        clean weight on the lowest losses alone, which pass the test whether or not the model has learned."""
+        - the mean of its clean component, in loss units, must lie below noise.trust_ratio x ln(contrastive
+          batch), the loss of a model that cannot tell pairs apart. Before the model has learned anything every
+          loss sits near that level, the mixture splits noise from noise, and ε discards pairs at random; under
+          reweighting the model learns from the few pairs left, which confirms the fit, and a run at 50% noise
+          collapsed to chance accuracy that way. The component mean, not the ε-weighted mean of the losses: ε is
+          clamped to rise with the loss, so a fit that calls most pairs noisy puts its clean weight on the lowest
+          losses alone, which pass whether or not the model has learned;
+        - its noise rate must not exceed noise.max_rate. A fit that calls nearly every pair noisy has a clean
+          component made of the low tail of a chance-level distribution, whose mean passes the first test; with
+          it, reweighting trains on almost nothing and the next fit says the same.
+
+        A fit that fails leaves ε at 0 (see `_refit`), not at the last passing fit's values: those describe a
+        model that no longer exists."""
+        if fit.noise_rate > self.cfg.max_rate:
+            return (f"it calls {fit.noise_rate:.0%} of the pairs noisy, above noise.max_rate "
+                    f"{self.cfg.max_rate:.0%}")
         if self.chance_loss is None:
-            return True
+            return None
         lo, hi = fit.bounds
         clean_mean = lo + fit.means[0] * (hi - lo)
-        return clean_mean < self.cfg.trust_ratio * self.chance_loss
+        if clean_mean >= self.cfg.trust_ratio * self.chance_loss:
+            return (f"its clean component's mean loss {clean_mean:.2f} is not below {self.cfg.trust_ratio:.2f} x "
+                    f"the chance loss ln(batch) = {self.chance_loss:.2f} (noise.trust_ratio)")
+        return None
 
     def _global_count(self, local: int) -> int:
         if self.partition.replicated:

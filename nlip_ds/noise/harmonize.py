@@ -51,6 +51,10 @@ class NoiseState:
         self.fit, self._ids, self._eps = fit, ids, fit.posterior.detach().cpu().float()
         self._tables.clear()
 
+    def clear(self) -> None:
+        """Back to no fit: ε = 0 (the CLIP loss) for every id."""
+        self.__init__()
+
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._tables:
             self._tables[device] = (self._ids.to(device), self._eps.to(device))
