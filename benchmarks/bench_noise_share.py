@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
 
+from nlip_ds.distributed import free_port
+
 VOCAB = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch_for(rank: int, n: int) -> dict:

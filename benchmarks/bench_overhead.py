@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -28,14 +27,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from nlip_ds.distributed import free_port  # noqa: E402
+
 VOCAB, TOKENS = 256, 32
 VARIANTS = ("bare", "zero2", "zero2+noise", "zero3", "zero3+noise")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(zero: str, noise: bool, batch: int):

@@ -63,7 +63,8 @@ def _slurm_master_addr(env) -> str:
         return nodelist.split(",")[0].split("[")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (single-node rendezvous; tests and benchmarks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -85,7 +86,7 @@ def resolve_topology(env=None) -> Topology:
                         addr, port, "slurm")
     # One process rendezvous only with itself: any free port does, and the fixed default collides with every other
     # single-process run on the machine (EADDRINUSE).
-    port = port if "MASTER_PORT" in env else _free_port()
+    port = port if "MASTER_PORT" in env else free_port()
     return Topology(0, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

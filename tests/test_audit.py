@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,11 @@ from pathlib import Path
 import pytest
 
 from nlip_ds.data.scores import read_table
+from nlip_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 COLUMNS = {"index", "sample_id", "shard", "key", "caption", "noise_type", "loss", "clean_prob"}
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(*cmd, timeout=600) -> subprocess.CompletedProcess:
@@ -153,7 +147,7 @@ def test_bad_arguments_are_refused_before_work(cli, random_export, synth_dir, tm
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_scores(one_process, random_export, synth_dir, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
-    _run(torchrun, "--nproc_per_node", "2", "--master_port", _free_port(), "-m", "nlip_ds.cli", "audit",
+    _run(torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "nlip_ds.cli", "audit",
          "--checkpoint", random_export, "--data", synth_dir / "train", "--out", tmp_path / "two", "--batch-size",
          "64", "--top", "4")
     two, one = read_table(tmp_path / "two" / "scores.parquet"), read_table(one_process / "scores.parquet")

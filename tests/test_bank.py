@@ -1,13 +1,13 @@
 """LossBank: latest-wins storage in both layouts, epochs, checkpoints, and a real 2-rank gloo run."""
 import io
 import random
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nlip_ds.distributed import free_port
 from nlip_ds.noise.bank import LossBank
 from nlip_ds.noise.gmm import fit_gmm
 
@@ -162,15 +162,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_two_gloo_ranks_hold_the_bank_of_a_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = LossBank(capacity=16)
     feed(single, lambda step: tuple(torch.cat(parts) for parts in zip(rank_rows(step, 0), rank_rows(step, 1))))
     expected = single.state_dict()

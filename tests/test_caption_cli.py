@@ -2,13 +2,14 @@
 input order with concepts from the given vocabulary; bad inputs named; two ranks write the one-process file."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from nlip_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -118,12 +119,6 @@ def test_bad_inputs_are_one_error_line_naming_the_file(cli, random_export, synth
 # ------------------------------------------------------------------------------------------------ two ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_ranks_write_the_one_process_file(random_export, synth_dir, tmp_path):
@@ -134,7 +129,7 @@ def test_two_ranks_write_the_one_process_file(random_export, synth_dir, tmp_path
     for var in TOPOLOGY_VARS:
         env.pop(var, None)
     commands = [[sys.executable, "-m", "nlip_ds.cli", *args, "--out", tmp_path / "one.jsonl"],
-                [Path(sys.executable).parent / "deepspeed", "--num_gpus", "2", "--master_port", _free_port(),
+                [Path(sys.executable).parent / "deepspeed", "--num_gpus", "2", "--master_port", free_port(),
                  "--module", "nlip_ds.cli", *args, "--out", tmp_path / "two.jsonl"]]
     for cmd in commands:
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

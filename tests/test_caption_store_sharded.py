@@ -1,6 +1,5 @@
 """The caption store sharded by id: each rank keeps its slice, `lookup` answers from the owners, slices resume at
 the same partition and re-partition to another world size (2 -> 4, 4 -> 2)."""
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nlip_ds.completion.caption_store import SyntheticCaptionStore
+from nlip_ds.distributed import free_port
 from nlip_ds.noise.partition import IdPartition
 
 PAD, L = 0, 5
@@ -78,15 +78,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_gloo_lookup_answers_from_the_owners(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     whole = filled()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

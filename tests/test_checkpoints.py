@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,13 @@ import pytest
 import torch
 
 from nlip_ds.config import load_config, to_dict
+from nlip_ds.distributed import free_port
 from nlip_ds.run import checkpoint as C
 from nlip_ds.run.layout import STEP_TAG
 from nlip_ds.train import checkpoint as T
 from nlip_ds.train import engine as E
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- fast: a fake engine
@@ -272,7 +266,7 @@ def _child(args: dict) -> None:
     args['saves'] ("new" or "same" step) train one step and save, logging the file operations of save i to
     events.i; the save args['kill_at'] = [i, n] names is killed at its n-th file operation."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
+                      MASTER_PORT=str(free_port()))
     torch.set_num_threads(1)
     import deepspeed
 
@@ -419,7 +413,7 @@ def test_the_next_save_removes_what_killed_saves_left(killed_saves):
 
 
 def _launch(synth_dir: Path, tok: Path, run: Path, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
            f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
            f"data.tokenizer={tok}", f"train.output_dir={run}",

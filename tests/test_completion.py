@@ -3,7 +3,6 @@ Completer on a hand-made batch, lockstep generation on a real 2-rank ZeRO-3 engi
 with completion that checkpoint, resume and log the counters and the text panel."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from nlip_ds.completion import policy as P
 from nlip_ds.completion.caption_store import SyntheticCaptionStore
 from nlip_ds.completion.completer import Completer, generation_seed
 from nlip_ds.config import ConfigError, load_config
+from nlip_ds.distributed import free_port
 from nlip_ds.ops.contrastive import fused_contrastive_loss_ref
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,12 +257,6 @@ print("LOCKSTEP-OK", rank, flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eos_bias_hook(bias: float, eos_id: int):
     def hook(module, args, out):
         out = out.clone()
@@ -306,7 +300,7 @@ def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, s
     tok_dir = tmp_path / "tok"
     tok.save(tok_dir)
     script = LOCKSTEP.format(overrides=overrides, tok=str(tok_dir), hold=hold, **paths)
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(r),
@@ -328,7 +322,7 @@ def test_lockstep_generation_on_two_zero3_ranks_matches_one_process(synth_dir, s
 
 
 def _train_ds(synth_dir: Path, run_dir: Path, tok_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
            f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
            f"data.tokenizer={tok_dir}", f"train.output_dir={run_dir}", "train.micro_batch_size=16",

@@ -1,13 +1,14 @@
 """The fused loss under a real differentiable all-gather: 2 and 4 gloo ranks, each computing the loss of its
 own block against the gathered batch, reproduce the single-process full-batch loss, per-sample losses and
 gradients (features and logit scale) on every rank."""
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from nlip_ds.distributed import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -65,12 +66,6 @@ def rank_main(rank, world, port, omega_on, expected):
             torch.testing.assert_close(value, want, rtol=1e-12, atol=1e-14, msg=f"rank {rank}: {name}")
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("omega_on", [False, True], ids=["clip", "omega"])

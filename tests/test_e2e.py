@@ -9,21 +9,16 @@
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from nlip_ds.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(synth_dir: Path, tokenizer_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -51,7 +46,7 @@ def ds_run(synth_dir, tmp_path_factory):
     """One 2-rank run through the deepspeed launcher, shared by the tests below."""
     run_dir = tmp_path_factory.mktemp("ds") / "run"
     tok = tmp_path_factory.mktemp("ds_tok") / "tokenizer"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
            *_overrides(synth_dir, tok, run_dir, "train.epochs=2", "noise.warmup_epochs=1", "monitor.log_every=2",
                        "eval.tasks=[zeroshot,retrieval,caption]", "eval.max_tokens=8")]
@@ -214,7 +209,7 @@ def test_tensorboard_shows_train_and_noise_scalars_in_a_browser(ds_run, tmp_path
     if browser is None:
         pytest.skip("Chromium is not installed (scripts/test.sh installs Debian's chromium when run as root)")
     run_dir, _, _ = ds_run
-    port = _free_port()
+    port = free_port()
     tb = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(run_dir / "tensorboard"),
                            "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)

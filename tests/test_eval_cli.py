@@ -2,13 +2,14 @@
 folder and its export, evaluated on one process and on two (slow)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from nlip_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -112,12 +113,6 @@ def test_bad_inputs_are_one_error_line_naming_the_file(cli, random_export, synth
 # ------------------------------------------------------------------------------------------------ slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(*cmd, timeout=600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for var in TOPOLOGY_VARS:
@@ -137,7 +132,7 @@ def trained_run(synth_dir, tmp_path_factory):
     """A one-epoch ZeRO-3 run on two CPU processes (each saves its own shard of the weights), and its export."""
     base = tmp_path_factory.mktemp("eval_run")
     run_dir, export_dir = base / "run", base / "export"
-    _run(Path(sys.executable).parent / "deepspeed", "--num_gpus", "2", "--master_port", _free_port(), "--module",
+    _run(Path(sys.executable).parent / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module",
          "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
          f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
          f"data.tokenizer={base / 'tokenizer'}", f"train.output_dir={run_dir}", "train.epochs=1",
@@ -184,7 +179,7 @@ def test_two_processes_give_the_one_process_retrieval(trained_run, synth_dir, tm
     args = ["--checkpoint", run_dir, "--task", "retrieval", "--data", captions, "--no-tensorboard"]
     _eval(*args, "--out", tmp_path / "one.json")
     torchrun = Path(sys.executable).parent / "torchrun"
-    _run(torchrun, "--nproc_per_node", "2", "--master_port", _free_port(), "-m", "nlip_ds.cli", "eval", *args,
+    _run(torchrun, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "nlip_ds.cli", "eval", *args,
          "--out", tmp_path / "two.json")
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["world_size"] == 2 and (two["num_images"], two["num_captions"]) == (40, 80)

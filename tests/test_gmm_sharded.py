@@ -1,5 +1,4 @@
 """fit_gmm_sharded: fit_gmm's fit from shards, exact bounds, independence of the partition, real gloo ranks."""
-import socket
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nlip_ds.distributed import free_port
 from nlip_ds.noise.gmm import fit_gmm
 from nlip_ds.noise.gmm_sharded import _select_keys, _Reducer, fit_gmm_sharded
 from tests.test_gmm import CASES, bimodal, sklearn_posterior
@@ -120,16 +120,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_ranks_fit_the_concatenated_losses(tmp_path, world):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     losses = CASES["noise30"].clone()
     losses[7] = float("nan")
     ref = fit_gmm(losses, tol=1e-4)

@@ -6,21 +6,15 @@
   reference's; without the partition layout (the trust ratio of a rank's whole flat partition) they do not.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from nlip_ds.config import ConfigError, load_config
+from nlip_ds.distributed import free_port
 
 STEPS, GLOBAL_BATCH, LR, WD = 3, 8, 0.05, 0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(torch.nn.Module):
@@ -131,7 +125,7 @@ def _worker(rank: int, world: int, port: int, out: str, layout: bool) -> None:
 
 def _zero3_weights(tmp_path, world: int, layout: bool = True) -> dict:
     path = str(tmp_path / f"ws{world}_{layout}.pt")
-    mp.spawn(_worker, args=(world, _free_port(), path, layout), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), path, layout), nprocs=world, join=True)
     return torch.load(path, weights_only=True)
 
 

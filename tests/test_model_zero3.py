@@ -9,13 +9,14 @@ single rank cannot show a misplaced read (DeepSpeed materializes everything ther
 The DeepSpeed run is a subprocess so its process group does not leak into other tests.
 """
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from nlip_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,12 +59,6 @@ engine.backward(loss)
 engine.step()
 print("ZERO3-OK")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OwnForwardOnly:
@@ -120,6 +115,6 @@ def test_model_runs_partitioned_under_zero3(tmp_path):
     script = SCRIPT.format(tests=str(REPO / "tests"), weights=str(tmp_path / "weights.pt"),
                            expected=str(tmp_path / "expected.pt"))
     env = dict(os.environ, PYTHONPATH=str(REPO), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ZERO3-OK" in result.stdout, (result.stdout + result.stderr)[-4000:]

@@ -18,15 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from nlip_ds.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TIMEOUT = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_args(synth_dir: Path, tok: Path, run_dir: Path) -> list[str]:
@@ -70,7 +66,7 @@ def tokenizer(synth_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_node(synth_dir, tokenizer, tmp_path_factory) -> dict[int, float]:
     run = tmp_path_factory.mktemp("one_node") / "run"
-    _run_all([[str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+    _run_all([[str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                "nlip_ds.cli", *_train_args(synth_dir, tokenizer, run)]])
     return _losses(run)
 
@@ -80,7 +76,7 @@ def single_node(synth_dir, tokenizer, tmp_path_factory) -> dict[int, float]:
 def test_deepspeed_two_launchers_no_ssh_match_one_node(single_node, synth_dir, tokenizer, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")  # names only label the nodes: --no_ssh never connects
-    run, port = tmp_path / "run", str(_free_port())
+    run, port = tmp_path / "run", str(free_port())
     _run_all([[str(BIN / "deepspeed"), "--num_nodes", "2", "--num_gpus", "1", "--no_ssh", "--node_rank", str(r),
                "--hostfile", str(hostfile), "--master_addr", "127.0.0.1", "--master_port", port, "--module",
                "nlip_ds.cli", *_train_args(synth_dir, tokenizer, run)] for r in (0, 1)])
@@ -93,7 +89,7 @@ def test_deepspeed_two_launchers_no_ssh_match_one_node(single_node, synth_dir, t
 @pytest.mark.slow
 @pytest.mark.dist
 def test_torchrun_two_nodes_match_one_node(single_node, synth_dir, tokenizer, tmp_path):
-    run, port = tmp_path / "run", str(_free_port())
+    run, port = tmp_path / "run", str(free_port())
     _run_all([[str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
                "--master_addr", "127.0.0.1", "--master_port", port, "-m", "nlip_ds.cli",
                *_train_args(synth_dir, tokenizer, run)] for r in (0, 1)])

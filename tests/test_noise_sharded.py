@@ -1,7 +1,6 @@
 """noise.state=sharded: each rank keeps its slice of the ids, the run's estimate is the replicated one, and its
 checkpoint shards resume at the same partition, re-partition to another world size (2 -> 4, 4 -> 2) or refuse."""
 import json
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nlip_ds.config import NoiseConfig
+from nlip_ds.distributed import free_port
 from nlip_ds.noise.estimator import NoiseEstimator
 from nlip_ds.noise.partition import IdPartition
 
@@ -58,17 +58,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4])
 def sharded_run(request, tmp_path_factory):
     """(world, per-rank outputs of a real gloo run with noise.state=sharded)."""
     world, out = request.param, tmp_path_factory.mktemp(f"sharded{request.param}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 

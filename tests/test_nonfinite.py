@@ -8,12 +8,13 @@ Each rank is a plain process with RANK/WORLD_SIZE set, as torchrun or SLURM woul
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from nlip_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +78,6 @@ entry(sys.argv[2:])
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(synth_dir: Path, run_dir: Path, inject: dict, *overrides: str, world: int = 2) -> list[tuple]:
     """Start `world` plain rank processes of the driver; (returncode, stderr) of each."""
     args = ["train", "--config", "configs/tiny-cpu.yaml", f"data.train={synth_dir / 'train'}",
@@ -91,7 +86,7 @@ def _launch(synth_dir: Path, run_dir: Path, inject: dict, *overrides: str, world
             "train.micro_batch_size=8", "eval.enabled=false", "monitor.progress=false", "monitor.log_every=1",
             "optim.warmup_steps=1", *overrides]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world)}
+            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(inject), *args], cwd=ROOT,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
@@ -189,7 +184,7 @@ def _skip_counts_worker(rank: int, port: int, out: str) -> None:
 def test_data_skip_counts_are_summed_over_ranks_by_reason(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_skip_counts_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_skip_counts_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     want = {"data/skipped/corrupt_image": 5, "data/skipped/empty_caption": 1, "data/skipped/too_large": 4}
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == want

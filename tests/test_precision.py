@@ -15,7 +15,6 @@ same fp32 master weights and optimizer state, so it is exact up to float32 reduc
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +24,12 @@ import torch
 import torch.multiprocessing as mp
 
 from nlip_ds.config import ConfigError, load_config
+from nlip_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16_RTOL = 2e-2
 UPDATE_RTOL = 0.1  # measured 0.02 (bf16, 3 AdamW steps)
 GLOBAL_BATCH, VOCAB, STEPS = 16, 64, 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_cfg(*overrides: str):
@@ -195,7 +189,7 @@ def test_bf16_zero3_world_sizes_1_and_2_agree(tmp_path):
     results = {}
     for world in (1, 2):
         path = str(tmp_path / f"ws{world}.pt")
-        mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), path), nprocs=world, join=True)
         results[world] = torch.load(path, weights_only=True)
     ref, got = results[1], results[2]
     assert ref["dtypes"] == got["dtypes"] == ["torch.bfloat16"], "the engine should hold bf16 parameters"
@@ -213,7 +207,7 @@ def test_bf16_zero3_world_sizes_1_and_2_agree(tmp_path):
 
 
 def _train(synth_dir: Path, tok: Path, run: Path, *extra: str) -> str:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "nlip_ds.cli", "train", "--config", "configs/tiny-cpu.yaml",
            f"data.train={synth_dir / 'train'}", f"data.val={synth_dir / 'val'}", f"data.test={synth_dir / 'test'}",
            f"data.tokenizer={tok}", f"train.output_dir={run}", "train.precision=bf16", "train.micro_batch_size=16",

@@ -8,7 +8,6 @@ them; no launcher that would kill the other ranks when one dies).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from nlip_ds.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 HANG_GUARD_S = 240  # survivors that waited for the collective timeout (600 s below) would hit this first
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(synth_dir: Path, run_dir: Path, world: int) -> list[subprocess.Popen]:
@@ -33,7 +28,7 @@ def _start(synth_dir: Path, run_dir: Path, world: int) -> list[subprocess.Popen]
            "train.micro_batch_size=8", "eval.enabled=false", "monitor.progress=false", "monitor.log_every=1",
            "train.max_steps=400", "train.collective_timeout_s=600"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world)}
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     return [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
 

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from nlip_ds.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 NODES, CPUS_PER_NODE = 2, 2
 START_TIMEOUT, JOB_TIMEOUT = 60, 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_installed() -> None:
@@ -76,7 +71,7 @@ class LocalCluster:
         r = self.root
         for d in ("state", "spool", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
-        nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={self.cpus} State=UNKNOWN"
+        nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={free_port()} CPUs={self.cpus} State=UNKNOWN"
                           for n in self.nodes)
         # linuxproc/task none: no cgroups needed; config_overrides: the declared CPUs, not the machine's, count.
         # A random first job id: slurm/job.py derives MASTER_PORT from it, and another session's test cluster on
@@ -84,7 +79,7 @@ class LocalCluster:
         self.conf.write_text(f"""ClusterName=nlipci
 FirstJobId={random.randrange(1, 1_000_000)}
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 SlurmUser=root
 AuthType=auth/munge
 # A requeued job may start again only when the credentials of its last run expired (default 120 s).

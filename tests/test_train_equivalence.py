@@ -5,20 +5,15 @@ Each world size runs in its own group of spawned processes; rank 0 writes what i
 compares the files.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from nlip_ds.distributed import free_port
+
 GLOBAL_BATCH = 16
 VOCAB = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch() -> dict:
@@ -75,7 +70,7 @@ def results(tmp_path_factory):
     out = {}
     for world in (1, 2, 4):
         path = str(tmp_path_factory.mktemp(f"ws{world}") / "result.pt")
-        mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), path), nprocs=world, join=True)
         out[world] = torch.load(path, weights_only=True)
     return out
 

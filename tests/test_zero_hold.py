@@ -2,12 +2,13 @@
 call (the count of all-gathers does not grow with the caption length, while without it grows per token), gives
 the same captions, and leaves the parameters partitioned again."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from nlip_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,17 +57,11 @@ print("HOLD-OK", rank, counts, flush=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 def test_held_decoder_is_gathered_once_per_generate_call():
     pytest.importorskip("deepspeed")
     script = SCRIPT.format(tests=str(REPO / "tests"))
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r),
