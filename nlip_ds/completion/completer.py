@@ -17,8 +17,8 @@
    captioned in-step, at most completion.per_step_budget per rank, by completion.strategy (nucleus sampling
    by default) in lockstep: one all-reduce says whether any rank has work; if so every rank calls generate
    exactly once (a rank with no work on one dummy row, discarded) with a sync_fn, and one all-gather puts the
-   new captions into every rank's store. Picked pairs with a caption in the store get it (replace/threshold: instead of the original,
-   with omega = 0; concat: after the original).
+   new captions into every rank's store. Picked pairs with a caption in the store get it (replace/threshold:
+   instead of the original, with omega = 0; concat: after the original).
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
    ("caption_changed"); NLIPTask hands the noise estimator the loss of the original pairs without concepts.
 
