@@ -48,6 +48,19 @@ def test_caption_over_shards_writes_one_line_per_image_in_order(cli, random_expo
     assert [x["caption"] for x in read_jsonl(tmp_path / "seed1.jsonl")] != [x["caption"] for x in lines]
 
 
+def test_captions_in_bf16(cli, random_export, synth_dir, tmp_path):
+    out = tmp_path / "bf16.jsonl"
+    status, _, stderr = cli("caption", "--checkpoint", random_export, "--images", synth_dir / "test", "--out", out,
+                            "--concepts", synth_dir / "concepts.txt", "--strategy", "greedy", "--precision", "bf16",
+                            *FAST)
+    assert status == 0, stderr
+    lines = read_jsonl(out)
+    assert len(lines) == 40 and all(isinstance(line["caption"], str) for line in lines)
+    status, _, stderr = cli("caption", "--checkpoint", random_export, "--images", synth_dir / "test", "--out", out,
+                            "--precision", "fp16", "--device", "cpu", *FAST)
+    assert status == 2 and "--precision fp16 needs a GPU" in stderr
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_deterministic_strategies_ignore_the_seed(cli, random_export, synth_dir, tmp_path, strategy):
     args = ["--images", synth_dir / "test", "--concepts", synth_dir / "concepts.txt", "--strategy", strategy,

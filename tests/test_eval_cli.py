@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from nlip_ds.distributed import free_port
 
@@ -52,6 +53,23 @@ def test_zeroshot_on_an_export_writes_json_tensorboard_and_a_table(cli, random_e
     assert sum(c["count"] for c in results["per_class"].values()) == 40
     assert "zeroshot_top1" in out and "per-class top-1" in out
     assert "eval/zeroshot_top1" in _scalars(random_export / "eval")
+
+
+def test_zeroshot_in_bf16_records_its_precision_and_embeds_like_fp32(cli, random_export, synth_dir, tmp_path):
+    from nlip_ds.data.samples import normalize
+    from nlip_ds.eval.checkpoint import load_for_eval
+
+    status, _, err = cli("eval", "--checkpoint", random_export, "--task", "zeroshot", "--data", synth_dir / "test",
+                         "--precision", "bf16", "--out", tmp_path / "bf16.json", "--no-tensorboard")
+    assert status == 0, err
+    results = json.loads((tmp_path / "bf16.json").read_text())
+    assert results["precision"] == "bf16" and 0.0 <= results["metrics"]["zeroshot_top1"] <= 1.0
+    fp32, bf16 = (load_for_eval(random_export, precision=p).model for p in ("fp32", "bf16"))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16} and not bf16.training
+    images = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        cosine = (fp32.encode_image(images) * bf16.encode_image(images).float()).sum(-1)
+    assert cosine.min() > 0.99
 
 
 def test_retrieval_on_a_karpathy_json(cli, random_export, synth_dir, tmp_path):
@@ -103,6 +121,8 @@ def test_zeroshot_and_probe_on_an_image_folder_name_a_broken_image(cli, random_e
      "--linear-probe needs --train-data"),
     (["--checkpoint", "{export}", "--task", "zeroshot", "--data", "{test}", "--batch-size", "0"],
      "--batch-size must be at least 1"),
+    pytest.param(["--checkpoint", "{export}", "--task", "zeroshot", "--data", "{test}", "--precision", "fp16",
+                  "--device", "cpu"], "--precision fp16 needs a GPU", id="fp16-on-cpu"),
 ])
 def test_bad_inputs_are_one_error_line_naming_the_file(cli, random_export, synth_dir, tmp_path, args, message):
     fill = dict(tmp=tmp_path, test=synth_dir / "test", export=random_export)

@@ -51,6 +51,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--template", default="a photo of a {}.", help="prompt that embeds each concept name")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the weights and activations; fp16 on GPUs only")
     p.set_defaults(func=run)
 
 
@@ -151,7 +153,7 @@ def _caption_and_write(args, topo, device) -> int:
 
     _check(args)
     cache = ConceptCache(load_vocabulary(args.concepts), args.template)
-    loaded = load_for_eval(args.checkpoint, args.tag, device)
+    loaded = load_for_eval(args.checkpoint, args.tag, device, args.precision)
     model, tokenizer = loaded.model, loaded.tokenizer
     cache.refresh(model.encode_text, tokenizer, device, max_length=model.config.text.context_length)
     lines, problems = caption_share(model, tokenizer, cache, args, topo.rank, topo.world_size, device)

@@ -11,9 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from nlip_ds.run.layout import RunFolder, checkpoint_root, folder_kind, step_of
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_dtype(precision: str, device) -> torch.dtype:
+    """The weights' dtype for --precision; fp16 is refused on a CPU device before anything is loaded (PyTorch's
+    CPU kernels lack or crawl through much of fp16, as train.precision=fp16 is refused on CPU ranks)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("--precision fp16 needs a GPU; use --precision bf16 on the CPU")
+    return PRECISIONS[precision]
 
 
 @dataclass
@@ -33,10 +47,14 @@ class LoadedModel:
         return self.folder if self.kind == "run" else RunFolder(self.folder).eval_dir
 
 
-def load_for_eval(path: str | Path, tag: Optional[str] = None, device="cpu") -> LoadedModel:
+def load_for_eval(path: str | Path, tag: Optional[str] = None, device="cpu", precision: str = "fp32"
+                  ) -> LoadedModel:
+    """The model in eval mode on `device` with its weights in `precision` (fp32, bf16, fp16): every module casts
+    its floating inputs to its weights' dtype, and the embeddings are scored in float32 (eval/embed.py)."""
     from nlip_ds.data.tokenizer import load_tokenizer
     from nlip_ds.model import NLIPModel
 
+    dtype = inference_dtype(precision, device)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -44,11 +62,12 @@ def load_for_eval(path: str | Path, tag: Optional[str] = None, device="cpu") -> 
         tokenizer_dir = path / "tokenizer"
         if not tokenizer_dir.is_dir():
             raise FileNotFoundError(f"export {path} has no tokenizer/ folder (export with the tokenizer)")
-        model = NLIPModel.from_pretrained(path, map_location=device)
+        model = NLIPModel.from_pretrained(path, map_location=device).to(dtype=dtype).eval()
         return LoadedModel(model, load_tokenizer(tokenizer_dir), "export", path, 0)
     from nlip_ds.run.model import load_run_model
 
     model, cfg, ckpt = load_run_model(path, tag)
     run = checkpoint_root(path).parent
     logger.info("consolidated %s in memory", ckpt)
-    return LoadedModel(model.to(device).eval(), load_tokenizer(cfg.data.tokenizer), "run", run, step_of(ckpt.name))
+    return LoadedModel(model.to(device=device, dtype=dtype).eval(), load_tokenizer(cfg.data.tokenizer), "run", run,
+                       step_of(ckpt.name))

@@ -42,6 +42,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--min-tokens", type=int, default=defaults.min_tokens)
     p.add_argument("--num-beams", type=int, default=defaults.num_beams)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the weights and activations (scores in float32); fp16 on GPUs only")
     p.add_argument("--out", help="results JSON (default: RUN/eval/<task>.json, or EXPORT/eval/<task>.json)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write eval/ tags")
     p.set_defaults(func=run)
@@ -83,9 +85,10 @@ def _evaluate_and_report(args, topo, device) -> int:
     from nlip_ds.eval.tasks import Runtime, evaluate
 
     opts = options_from_args(args)
-    loaded = load_for_eval(args.checkpoint, args.tag, device)
+    loaded = load_for_eval(args.checkpoint, args.tag, device, args.precision)
     results = evaluate(loaded.model, loaded.tokenizer, opts, Runtime(device, topo.rank, topo.world_size))
-    results.update(task=args.task, checkpoint=str(args.checkpoint), step=loaded.step, world_size=topo.world_size)
+    results.update(task=args.task, checkpoint=str(args.checkpoint), step=loaded.step, world_size=topo.world_size,
+                   precision=args.precision)
     if topo.is_main:
         out = write_results(results, args.out or loaded.default_output(args.task))
         if not args.no_tensorboard:
