@@ -135,6 +135,18 @@ def test_resume_scores_only_the_missing_batches(one_process, random_export, synt
     assert main([*argv[:-4], "--batch-size", "32", "--format", "jsonl"]) == 2  # other settings: refused
 
 
+def test_bf16_audit_scores_close_to_fp32_and_is_not_mixed_into_an_fp32_one(one_process, random_export, synth_dir,
+                                                                           tmp_path):
+    from nlip_ds.cli import main
+
+    argv = ["audit", "--checkpoint", str(random_export), "--data", str(synth_dir / "train"), "--batch-size", "64",
+            "--top", "4", "--format", "jsonl", "--precision", "bf16"]
+    assert main([*argv, "--out", str(tmp_path / "bf16")]) == 0
+    bf16, fp32 = read_table(tmp_path / "bf16" / "scores.jsonl"), read_table(one_process / "scores.parquet")
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)  # losses near ln(64) of a random model
+    assert main([*argv, "--out", str(one_process)]) == 2  # the fp32 audit there is not continued in bf16
+
+
 def test_bad_arguments_are_refused_before_work(cli, random_export, synth_dir, tmp_path):
     status, _, err = cli("audit", "--checkpoint", random_export, "--data", tmp_path / "none", "--out", tmp_path / "o")
     assert status == 2 and "none" in err and "Traceback" not in err

@@ -54,6 +54,7 @@ class AuditOptions:
     max_tokens: int = 20
     format: str = "auto"
     device: Optional[str] = None
+    precision: str = "fp32"  # weights' dtype (eval/checkpoint.py: load_for_eval); scores in float32
 
     def check(self) -> None:
         for name in ("batch_size", "top", "max_tokens"):

@@ -40,6 +40,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="auto", help="scores file: parquet (needs pyarrow), "
                    "jsonl, or auto: parquet when pyarrow is importable (default)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the weights and activations (scores in float32); fp16 on GPUs only")
     p.set_defaults(func=run)
 
 
@@ -48,7 +50,8 @@ def options(args):
 
     opts = AuditOptions(checkpoint=args.checkpoint, data=args.data, out=Path(args.out), tag=args.tag,
                         batch_size=args.batch_size, top=args.top, recaption=args.recaption,
-                        max_tokens=args.max_tokens, format=args.format, device=args.device)
+                        max_tokens=args.max_tokens, format=args.format, device=args.device,
+                        precision=args.precision)
     opts.check()
     resolve_format(opts.format)
     return opts
@@ -67,9 +70,11 @@ def run_audit(opts, topo, device) -> int:
     from nlip_ds.eval.checkpoint import load_for_eval
 
     audit.expected_batches(opts.data, opts.batch_size)  # a missing shard is named before the model loads
-    loaded = load_for_eval(opts.checkpoint, opts.tag, device)
+    loaded = load_for_eval(opts.checkpoint, opts.tag, device, opts.precision)
     meta = {"checkpoint": str(Path(opts.checkpoint).resolve()), "step": loaded.step, "data": opts.data,
             "batch_size": opts.batch_size}
+    if opts.precision != "fp32":  # scores of another precision must not be mixed in (fp32: older audits' meta)
+        meta["precision"] = opts.precision
     audit.check_meta(opts.out, meta, write=topo.is_main)
     barrier()
     scorer = audit.Scorer(loaded.model, loaded.tokenizer, opts, device)
