@@ -73,6 +73,15 @@ def test_deepspeed_run_leaves_checkpoint_metrics_and_summary(ds_run):
 
 
 @pytest.mark.slow
+def test_cpu_ranks_leave_no_shared_memory_buffer_behind(ds_run):
+    """DeepSpeed's CPU allreduce gives each rank a 66 MB /dev/shm file named after the rendezvous port and never
+    removes it; the engine unlinks the names once every rank has mapped them (train/engine.py)."""
+    _, _, proc = ds_run
+    port = proc.args[proc.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.slow
 def test_tensorboard_events_have_expected_tags(ds_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -89,6 +90,27 @@ def init_distributed(cfg: Config) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s),
                                verbose=False)
+    if backend == "gloo":
+        unlink_shm_allreduce_buffer()
+
+
+def unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's shared-memory allreduce buffer once every rank has mapped it.
+
+    On CPU ranks of one machine DeepSpeed gives each rank a 66 MB buffer in /dev/shm
+    (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, created and mapped by every rank in
+    deepspeed/ops/csrc/cpu/comm/shm.cpp during init_distributed) and never deletes it: each 2-rank CPU run left
+    132 MB of RAM behind, and a day of test runs here held 7.7 GB in 118 such files, enough to get a later test
+    OOM-killed. After one barrier every rank has mapped every buffer, so the names can go: the memory stays
+    mapped until the ranks exit and is freed then, whether the run ends well or not."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def check_engine_options(cfg: Config) -> None:
