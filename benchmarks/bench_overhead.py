@@ -83,6 +83,7 @@ class Bare:
 
 class NLIPStep:
     def __init__(self, zero: str, noise: bool, batch: int, world: int):
+        from nlip_ds.noise.estimator import NoiseEstimator
         from nlip_ds.train import engine as E
         from nlip_ds.train.loop import MetricAccumulator
         from nlip_ds.train.nonfinite import NonFiniteGuard
@@ -90,9 +91,10 @@ class NLIPStep:
         from nlip_ds.train.task import NLIPTask
 
         self.cfg = config(zero, noise, batch)
-        self.engine = E.initialize(NLIPTask(model(self.cfg), self.cfg), self.cfg,
+        estimator = NoiseEstimator(self.cfg.noise, contrastive_batch=batch * world)  # as train/loop.py builds it
+        self.engine = E.initialize(NLIPTask(model(self.cfg), self.cfg, estimator), self.cfg,
                                    E.build_ds_config(self.cfg, world), total_steps=10 ** 6)
-        self.state, self.acc = RunState.create(), MetricAccumulator()
+        self.state, self.acc = RunState.create(estimator), MetricAccumulator()
         self.guard = NonFiniteGuard(self.cfg, self.engine.device)
 
     def step(self, batch: dict) -> None:
