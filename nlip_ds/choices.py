@@ -1,4 +1,5 @@
-"""Names that the config, the command line and the code all spell: evaluation tasks and decoding strategies.
+"""Names that the config, the command line and the code all spell: evaluation tasks, decoding strategies and
+precisions.
 
 Defined once here, free of torch, timm and transformers, so that config.py and the argument parsers can import
 them cheaply. The code that implements each name imports it from here too: eval/tasks.py checks that its task
@@ -21,3 +22,6 @@ STRATEGIES = {
 
 # Evaluation decodes deterministically: the same captions on one process or many, and in every rerun.
 EVAL_STRATEGIES = ("greedy", "beam")
+
+# Weight and activation dtypes: train.precision and the --precision of eval, caption and audit (fp16 needs GPUs).
+PRECISIONS = ("fp32", "bf16", "fp16")

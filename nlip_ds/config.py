@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS, STRATEGIES
+from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS, PRECISIONS, STRATEGIES
 from nlip_ds.noise.forms import NITC_FORMS
 
 
@@ -140,7 +140,7 @@ class TrainConfig:
     resume: Optional[str] = opt(None, "'latest' or a checkpoint folder to continue from")
     seed: int = opt(0, "seed of model init, data order and augmentation", lo=0)
     precision: str = opt("fp32", "compute precision (merged into the DeepSpeed config)",
-                         choices=("fp32", "bf16", "fp16"))
+                         choices=PRECISIONS)
     save_every: int = opt(0, "checkpoint every N steps besides the end of each epoch (0: epoch ends only)",
                           lo=0)
     keep_last: int = opt(2, "checkpoints kept", lo=1)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nlip_ds.choices import PRECISIONS
 from nlip_ds.data.scores import FORMATS, resolve_format, write_table
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="auto", help="scores file: parquet (needs pyarrow), "
                    "jsonl, or auto: parquet when pyarrow is importable (default)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="dtype of the weights and activations (scores in float32); fp16 on GPUs only")
     p.set_defaults(func=run)
 

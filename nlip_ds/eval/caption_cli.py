@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from nlip_ds.choices import STRATEGIES
+from nlip_ds.choices import PRECISIONS, STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--template", default="a photo of a {}.", help="prompt that embeds each concept name")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="dtype of the weights and activations; fp16 on GPUs only")
     p.set_defaults(func=run)
 

@@ -13,21 +13,22 @@ from typing import Optional
 
 import torch
 
+from nlip_ds.choices import PRECISIONS
 from nlip_ds.run.layout import RunFolder, checkpoint_root, folder_kind, step_of
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def inference_dtype(precision: str, device) -> torch.dtype:
     """The weights' dtype for --precision; fp16 is refused on a CPU device before anything is loaded (PyTorch's
     CPU kernels lack or crawl through much of fp16, as train.precision=fp16 is refused on CPU ranks)."""
-    if precision not in PRECISIONS:
+    if precision not in DTYPES:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and torch.device(device).type == "cpu":
         raise ValueError("--precision fp16 needs a GPU; use --precision bf16 on the CPU")
-    return PRECISIONS[precision]
+    return DTYPES[precision]
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS
+from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS, PRECISIONS
 from nlip_ds.config import EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--min-tokens", type=int, default=defaults.min_tokens)
     p.add_argument("--num-beams", type=int, default=defaults.num_beams)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="dtype of the weights and activations (scores in float32); fp16 on GPUs only")
     p.add_argument("--out", help="results JSON (default: RUN/eval/<task>.json, or EXPORT/eval/<task>.json)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write eval/ tags")
