@@ -193,6 +193,11 @@ class CompletionConfig:
     num_beams: int = opt(3, "beams of the beam strategy", lo=1, hi=16)
     min_tokens: int = opt(5, "shortest synthetic caption", lo=1)
     max_tokens: int = opt(30, "longest synthetic caption", lo=1)
+    filter: bool = opt(True, "train on a synthetic caption only if the model's own embeddings put it closer to "
+                       "its image than the original caption (BLIP's CapFilt); otherwise the pair keeps its "
+                       "original caption")
+    candidates: int = opt(1, "sampled captions per pair; the one the model's embeddings put closest to the image "
+                          "is kept (needs strategy nucleus when above 1)", lo=1, hi=64)
 
 
 @dataclass
@@ -329,6 +334,9 @@ def _check_consistency(cfg: Config) -> None:
     if c.enabled and not cfg.noise.enabled:
         raise ConfigError("completion.enabled: noise-completion picks pairs by their noise probability and "
                           "needs noise.enabled=true")
+    if c.candidates > 1 and c.strategy != "nucleus":
+        raise ConfigError(f"completion.candidates: {c.candidates} candidates of the {c.strategy} strategy would be "
+                          "one caption repeated; use completion.strategy=nucleus or completion.candidates=1")
     if c.enabled and c.max_tokens > cfg.model.decoder.max_length:
         raise ConfigError(f"completion.max_tokens: {c.max_tokens} exceeds model.decoder.max_length="
                           f"{cfg.model.decoder.max_length}")

@@ -13,17 +13,18 @@ from nlip_ds.noise.partition import IdPartition
 PAD, L = 0, 5
 
 
-def gathered_rows(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The all-gathered (ids, tokens) of one generating step: every rank puts the same rows."""
+def gathered_rows(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The all-gathered (ids, tokens, kept) of one generating step: every rank puts the same rows."""
     g = torch.Generator().manual_seed(step)
     ids = torch.randint(-1, 40, (12,), generator=g)  # -1: padding rows
-    return ids, torch.randint(1, 50, (12, L), generator=g)
+    return ids, torch.randint(1, 50, (12, L), generator=g), torch.rand(12, generator=g) < 0.5
 
 
 def filled(partition: IdPartition | None = None) -> SyntheticCaptionStore:
     store = SyntheticCaptionStore(L, PAD, partition)
     for step in range(6):
-        store.put(*gathered_rows(step), epoch=step // 2, step=step)
+        ids, tokens, kept = gathered_rows(step)
+        store.put(ids, tokens, epoch=step // 2, step=step, kept=kept)
     return store
 
 
@@ -33,7 +34,8 @@ def as_dict(stores: list[SyntheticCaptionStore]) -> dict:
         state = store.state_dict()
         for i, sid in enumerate(state["ids"].tolist()):
             assert sid not in out, "an id in two slices"
-            out[sid] = (state["tokens"][i].tolist(), int(state["epoch"][i]), int(state["step"][i]))
+            out[sid] = (state["tokens"][i].tolist(), int(state["epoch"][i]), int(state["step"][i]),
+                        bool(state["kept"][i]))
     return out
 
 
@@ -46,6 +48,8 @@ def test_replicated_lookup_is_fresh_and_get():
     assert got.fresh(3, 2) == [p and f for p, f in zip(present, store.fresh(ids.tolist(), 3, 2))]
     known = [int(i) for i in ids if int(i) in store]
     assert torch.equal(got.tokens[got.present], store.get(known))
+    assert bool(got.kept.any()) and not bool((got.kept & ~got.present).any())
+    assert got.kept[got.present].tolist() == [bool(store.kept[store._slot[i]]) for i in known]
 
 
 @pytest.mark.parametrize("world, other", [(2, 4), (4, 2)])
@@ -85,7 +89,7 @@ def test_gloo_lookup_answers_from_the_owners(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         want = whole.lookup(torch.arange(rank, 40 + rank))
-        for key in ("present", "epoch", "tokens"):
+        for key in ("present", "epoch", "tokens", "kept"):
             assert torch.equal(got[key], getattr(want, key)), key
         assert bool(got["present"].any()) and not bool(got["present"].all())
 
@@ -93,8 +97,9 @@ def test_gloo_lookup_answers_from_the_owners(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_sharded_2_rank_completion_run_and_its_resume_match_the_replicated_run(synth_dir, tmp_path):
-    """Training with noise-completion: the sharded state (noise and captions) trains like the replicated one,
-    saves its caption slices in the rank states and resumes from them."""
+    """Training with noise-completion: the sharded state (noise and captions, with the caption filter's
+    verdicts) trains like the replicated one, saves its caption slices in the rank states and resumes from
+    them."""
     import json
 
     from tests.test_completion import _train_ds
@@ -124,3 +129,4 @@ def test_a_sharded_2_rank_completion_run_and_its_resume_match_the_replicated_run
         if "completion/generated" in m:
             assert got[step]["completion/generated"] == m["completion/generated"], step
             assert got[step]["completion/stored_captions"] == m["completion/stored_captions"], step
+            assert got[step]["completion/kept"] == m["completion/kept"], step

@@ -13,7 +13,7 @@ import torch
 
 from nlip_ds.completion import policy as P
 from nlip_ds.completion.caption_store import SyntheticCaptionStore
-from nlip_ds.completion.completer import Completer, generation_seed
+from nlip_ds.completion.completer import PANEL_ROWS, Completer, generation_seed
 from nlip_ds.config import ConfigError, load_config
 from nlip_ds.distributed import free_port
 from nlip_ds.ops.contrastive import fused_contrastive_loss_ref
@@ -90,6 +90,7 @@ def test_caption_store_freshness_padding_rows_and_state():
     restored = SyntheticCaptionStore(max_tokens=4, pad_id=PAD)
     restored.load_state_dict(bank.state_dict())
     assert restored.get([5, 9]).tolist() == bank.get([5, 9]).tolist()
+    assert restored.lookup(torch.tensor([5, 9, 4])).kept.tolist() == [True, True, False]  # no verdict: kept
     assert restored.fresh([5, 9], 5, 2) == bank.fresh([5, 9], 5, 2) and len(restored) == 2
     with pytest.raises(ValueError, match="completion.max_tokens"):
         SyntheticCaptionStore(max_tokens=6, pad_id=PAD).load_state_dict(bank.state_dict())
@@ -98,6 +99,7 @@ def test_caption_store_freshness_padding_rows_and_state():
 @pytest.mark.parametrize("overrides, message", [
     (["completion.enabled=true", "noise.enabled=false"], "completion.enabled: noise-completion picks pairs"),
     (["completion.enabled=true", "completion.max_tokens=40"], "completion.max_tokens: 40 exceeds"),
+    (["completion.candidates=4", "completion.strategy=greedy"], "completion.candidates: 4 candidates of the greedy"),
 ])
 def test_config_refusals(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -113,7 +115,8 @@ def _setup(synth_dir, synth_tokenizer, *overrides):
 
     cfg = load_config(None, ["completion.enabled=true", "completion.start_epoch=1", "noise.warmup_epochs=1",
                              f"completion.vocabulary={synth_dir / 'concepts.txt'}", "completion.max_tokens=8",
-                             "completion.min_tokens=2", "completion.per_step_budget=2", *overrides])
+                             "completion.min_tokens=2", "completion.per_step_budget=2",
+                             "completion.filter=false", *overrides])  # the filter has tests of its own
     torch.manual_seed(0)
     task = NLIPTask(NLIPModel.from_config(cfg.model, synth_tokenizer), cfg).eval()  # eval: no dropout
     captions = ["a red circle above a blue square", "IMG_0042.jpg", "my photo", "a small green star"]
@@ -187,6 +190,91 @@ def test_concat_keeps_omega_and_the_original_text(synth_dir, synth_tokenizer):
         expected = (words(batch["input_ids"][row]) + synthetic)[:cfg.model.text.context_length - 2]
         assert words(out["input_ids"][row]) == expected and len(synthetic) >= 2
         assert out["input_ids"][row, 0] == tok.bos_id and tok.eos_id in out["input_ids"][row].tolist()
+
+
+@pytest.mark.parametrize("policy, k", [("replace", 1), ("concat", 1), ("replace", 3)])
+def test_caption_filter_similarity_is_the_models_own_cosine(synth_dir, synth_tokenizer, policy, k):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, f"completion.policy={policy}",
+                                         "completion.filter=true", "completion.strategy=nucleus")
+    images = batch["image"].repeat_interleave(k, 0)
+    tokens = completer.generate(task.model, images, None, None, step=0)  # (4 k, L): each row's k side by side
+    got = completer.similarity(task.model, batch["input_ids"], batch["attention_mask"], tokens,
+                               task.model.encode_image(batch["image"]).detach())
+    assert got.shape == (4, 1 + k)
+    trained_on, trained_mask = P.caption_rows(policy, batch["input_ids"].repeat_interleave(k, 0), tokens,
+                                              bos_id=synth_tokenizer.bos_id, eos_id=synth_tokenizer.eos_id,
+                                              pad_id=synth_tokenizer.pad_id, special=completer.special)
+    with torch.no_grad():
+        image = task.model.encode_image(batch["image"])
+        original = task.model.encode_text(batch["input_ids"], batch["attention_mask"])
+        synthetic = task.model.encode_text(trained_on, trained_mask).view(4, k, -1)
+    torch.testing.assert_close(got[:, 0], (image * original).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, 1:], (image[:, None] * synthetic).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_candidates_keep_the_one_closest_to_the_image(synth_dir, synth_tokenizer, monkeypatch):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
+                                         "completion.filter=true", "completion.strategy=nucleus",
+                                         "completion.candidates=3", "completion.per_step_budget=4")
+    eos, pad = synth_tokenizer.eos_id, synth_tokenizer.pad_id
+    generated = []
+
+    def generate(model, images, concept_ids, concept_mask, step):
+        generated.append(images.shape[0])  # candidate j of every row: tokens (10 + j, 20 + j), [EOS]
+        rows = [[10 + j % 3, 20 + j % 3, eos] + [pad] * 5 for j in range(images.shape[0])]
+        return torch.tensor(rows)
+
+    def similarity(model, input_ids, attention_mask, tokens, image_features):
+        if input_ids.shape[0] == PANEL_ROWS:
+            return torch.zeros(PANEL_ROWS, 2)
+        assert tokens.shape[0] == 3 * input_ids.shape[0] == 6
+        # row 1: candidate 1 is the closest and beats the original; row 3: candidate 2 is, and does not
+        return torch.tensor([[0.1, 0.2, 0.9, 0.3], [0.5, 0.1, 0.2, 0.4]])
+
+    monkeypatch.setattr(completer, "generate", generate)
+    monkeypatch.setattr(completer, "similarity", similarity)
+    eps = torch.tensor([0.0, 0.9, 0.2, 0.7])
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    assert generated == [PANEL_ROWS, 6] and completer.generated == 2 and completer.kept == 1
+    assert completer.captions.get([11, 13])[:, :3].tolist() == [[11, 21, eos], [12, 22, eos]]
+    assert completer.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, False]
+    assert out["caption_changed"].tolist() == [False, True, False, False]
+
+
+def test_caption_filter_trains_only_on_kept_captions_and_does_not_regenerate_the_others(synth_dir, synth_tokenizer,
+                                                                                        monkeypatch):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
+                                         "completion.filter=true", "completion.per_step_budget=4")
+    judged = []
+
+    def similarity(model, input_ids, attention_mask, tokens, image_features):
+        judged.append(input_ids.shape[0])
+        if input_ids.shape[0] == PANEL_ROWS:  # the text panel's rows at the concept refresh
+            return torch.zeros(PANEL_ROWS, 2)
+        # rows 1 and 3 are picked; the synthetic caption of row 1 beats its original, row 3's does not
+        return torch.tensor([[0.1, 0.6], [0.5, 0.2]])
+
+    monkeypatch.setattr(completer, "similarity", similarity)
+    eps = torch.tensor([0.0, 0.9, 0.2, 0.7])
+    out, omega = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    assert judged == [PANEL_ROWS, 2] and completer.generated == 2 and completer.kept == 1
+    assert 11 in completer.captions and 13 in completer.captions  # the turned-down caption is stored too
+    assert out["caption_changed"].tolist() == [False, True, False, False]
+    assert torch.equal(out["input_ids"][3], batch["input_ids"][3])
+    torch.testing.assert_close(omega, torch.tensor([0.0, 0.0, 0.1, 0.35]))  # row 3 keeps its omega
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=1), batch, eps, 0.5 * eps)
+    assert judged == [PANEL_ROWS, 2] and completer.generated == 2  # both fresh: nothing generated or judged
+    assert out["caption_changed"].tolist() == [False, True, False, False]
+    sink = SimpleNamespace(logged={}, log=lambda metrics, step: sink.logged.update(metrics), text=lambda *a: None)
+    completer.log(sink, step=1)
+    assert sink.logged["completion/kept"] == 0.5 and sink.logged["completion/replaced"] == 0.25
+    restored = Completer(cfg, synth_tokenizer)
+    restored.load_state_dict(completer.state_dict())
+    assert restored.kept == 1 and restored.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, False]
+    old = completer.state_dict()  # a checkpoint from before the filter: every caption was trained on
+    del old["kept"], old["captions"]["kept"]
+    restored.load_state_dict(old)
+    assert restored.kept == 2 and restored.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, True]
 
 
 def test_the_estimator_sees_the_loss_of_the_original_caption_without_concepts(synth_dir, synth_tokenizer):
@@ -351,10 +439,12 @@ def completion_runs(synth_dir, tmp_path_factory):
     """A 2-rank run with completion stopped at step 12 (epoch 1: 8 steps per epoch), then resumed to step 14."""
     root = tmp_path_factory.mktemp("completion")
     run, tok = root / "run", root / "tokenizer"
-    first = _train_ds(synth_dir, run, tok, "train.max_steps=12")
+    # The filter off: a 2-epoch model's filter may keep no caption, and these tests are of replacing captions.
+    first = _train_ds(synth_dir, run, tok, "train.max_steps=12", "completion.filter=false")
     metrics_first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     saved = _completion_state(run, "step12")
-    _train_ds(synth_dir, run, tok, "train.max_steps=14", "train.resume=latest", "eval.enabled=false")
+    _train_ds(synth_dir, run, tok, "train.max_steps=14", "train.resume=latest", "eval.enabled=false",
+              "completion.filter=false")
     return run, first, metrics_first, saved
 
 
@@ -374,6 +464,8 @@ def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
     assert [p.step for p in panels] == [saved["concepts"]["refreshed_at_step"]]
     text = panels[0].tensor_proto.string_val[0].decode()
     assert "original caption" in text and "retrieved concepts" in text and "synthetic caption" in text
+    assert "similarity to the image" in text
+    assert all(m["completion/kept"] == 1.0 for m in logged)  # the filter is off here: every caption kept
     assert len(saved["captions"]["ids"]) == logged[-1]["completion/stored_captions"]
 
 

@@ -17,8 +17,12 @@
    captioned in-step, at most completion.per_step_budget per rank, by completion.strategy (nucleus sampling
    by default) in lockstep: one all-reduce says whether any rank has work; if so every rank calls generate
    exactly once (a rank with no work on one dummy row, discarded) with a sync_fn, and one all-gather puts the
-   new captions into every rank's store. Picked pairs with a caption in the store get it (replace/threshold:
-   instead of the original, with omega = 0; concat: after the original).
+   new captions into every rank's store. With completion.candidates = K > 1, each pair gets K sampled captions
+   and keeps the one the model's own embeddings put closest to its image. With completion.filter (the
+   default), that caption is kept only if it lies closer to the image than the original caption (the
+   captioner and filter of BLIP's CapFilt, judged by the contrastive towers: one no-grad T_e forward of the
+   original and candidate captions, lockstep like generate). Picked pairs with a kept caption in the store get it (replace/threshold: instead
+   of the original, with omega = 0; concat: after the original); the others train on their original caption.
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
    ("caption_changed"); NLIPTask hands the noise estimator the loss of the original pairs without concepts.
 
@@ -81,6 +85,7 @@ class Completer:
         self.cache = ConceptCache(load_vocabulary(self.c.vocabulary))
         self.captions = SyntheticCaptionStore(self.c.max_tokens, tokenizer.pad_id, partition)
         self.generated = 0  # synthetic captions generated so far, all ranks (identical on every rank)
+        self.kept = 0  # of which the caption filter kept (all of them without completion.filter)
         self._changed_share = None  # (,) device sum of the per-step share of changed captions since the last log
         self._steps = 0
         self._panels: list[tuple[int, str]] = []
@@ -99,10 +104,10 @@ class Completer:
         batch = dict(batch)
         batch["concept_ids"], batch["concept_mask"] = self.cache.prefix(top, self.tokenizer, self.prefix_length)
         if refreshed:
-            self._panel(model, batch, top, state.step)
+            self._panel(model, batch, top, image_features, state.step)
         if state.epoch < self.c.start_epoch:
             return batch, omega
-        return self._complete(model, state, batch, eps, omega)
+        return self._complete(model, state, batch, eps, omega, image_features)
 
     def _refresh_if_due(self, model, step: int, device) -> bool:
         last = self.cache.refreshed_at_step
@@ -114,7 +119,8 @@ class Completer:
         logger.info("concept embeddings refreshed at step %d (%d concepts)", step, len(self.cache))
         return True
 
-    def _complete(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor):
+    def _complete(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor,
+                  image_features: torch.Tensor):
         ids = batch["sample_id"].tolist()
         picked = P.select(self.c.policy, eps, batch["sample_id"], self.seed, state.epoch).tolist()
         stored = self.captions.lookup(batch["sample_id"])  # sharded: one exchange with the ids' owners
@@ -122,9 +128,9 @@ class Completer:
         need = [i for i, (p, f) in enumerate(zip(picked, fresh)) if p and not f][:self.c.per_step_budget]
         device = batch["image"].device
         if self.c.per_step_budget and D.all_reduce_max(len(need), device) > 0:
-            self._caption_into_store(model, batch, need, state)
+            self._caption_into_store(model, batch, need, state, image_features)
             stored = self.captions.lookup(batch["sample_id"])  # with this step's new captions
-        rows = [i for i, p in enumerate(picked) if p and bool(stored.present[i])]
+        rows = [i for i, p in enumerate(picked) if p and bool(stored.kept[i])]
         changed = torch.zeros(len(ids), dtype=torch.bool, device=device)
         batch["orig_input_ids"], batch["orig_attention_mask"] = batch["input_ids"], batch["attention_mask"]
         if rows:
@@ -144,21 +150,54 @@ class Completer:
         self._steps += 1
         return batch, omega
 
-    def _caption_into_store(self, model, batch: dict, need: list[int], state) -> None:
-        """Generate for this rank's `need` rows (lockstep with the other ranks) and gather every rank's new
-        captions into the store, padded to per_step_budget rows per rank."""
+    def _caption_into_store(self, model, batch: dict, need: list[int], state, image_features: torch.Tensor) -> None:
+        """Generate for this rank's `need` rows (lockstep with the other ranks), judge them by the caption filter
+        and gather every rank's new captions with the verdicts into the store, padded to per_step_budget rows
+        per rank."""
         device, budget = batch["image"].device, self.c.per_step_budget
         index = torch.tensor(need or [0], device=device)  # no work: one dummy row keeps the decoder in step
-        tokens = self.generate(model, batch["image"][index], batch["concept_ids"][index],
-                               batch["concept_mask"][index], state.step)
+        k = self.c.candidates
+        rows_k = index.repeat_interleave(k)  # each row's K candidates side by side
+        tokens = self.generate(model, batch["image"][rows_k], batch["concept_ids"][rows_k],
+                               batch["concept_mask"][rows_k], state.step)  # (m * K, L)
+        kept = torch.ones(len(index), dtype=torch.bool, device=device)
+        if k > 1 or self.c.filter:
+            similarity = self.similarity(model, batch["input_ids"][index], batch["attention_mask"][index], tokens,
+                                         image_features[index])  # (m, 1 + K)
+            best = similarity[:, 1:].argmax(dim=1)
+            tokens = tokens.view(len(index), k, -1)[torch.arange(len(index), device=device), best]
+            if self.c.filter:
+                kept = similarity[:, 1:].amax(dim=1) > similarity[:, 0]
         ids = torch.full((budget,), -1, dtype=torch.long, device=device)
-        rows = torch.full((budget, self.c.max_tokens), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        rows = torch.zeros((budget, self.c.max_tokens + 1), dtype=torch.long, device=device)  # tokens, kept
+        rows[:, :-1] = self.tokenizer.pad_id
         if need:
             ids[:len(need)] = batch["sample_id"][index]
-            rows[:len(need)] = tokens
-        ids, rows = D.all_gather_tensor(ids), D.all_gather_tensor(rows)  # (world * budget,), (world * budget, L)
-        self.captions.put(ids.cpu(), rows.cpu(), state.epoch, state.step)
+            rows[:len(need), :-1], rows[:len(need), -1] = tokens, kept.long()
+        ids, rows = D.all_gather_tensor(ids), D.all_gather_tensor(rows)  # (world * budget,), (world * budget, L + 1)
+        self.captions.put(ids.cpu(), rows[:, :-1].cpu(), state.epoch, state.step, kept=rows[:, -1].cpu() > 0)
         self.generated += int((ids >= 0).sum())
+        self.kept += int(((ids >= 0) & (rows[:, -1] > 0)).sum())
+
+    def similarity(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: torch.Tensor,
+                   image_features: torch.Tensor) -> torch.Tensor:
+        """(m, 1 + K) cosine similarity of each of m images to its original caption (column 0) and to each of
+        its K candidates as the policy would train on it (the synthetic caption, or original + synthetic for
+        concat), by the model's own embeddings. `tokens` (m * K, L): generated ids after [BOS], each row's K
+        candidates side by side. One no-grad T_e forward of m (1 + K) rows: lockstep, every rank must call it
+        together."""
+        m = input_ids.shape[0]
+        k = tokens.shape[0] // m
+        synthetic, synthetic_mask = P.caption_rows(self.c.policy, input_ids.repeat_interleave(k, 0).cpu(),
+                                                   tokens.cpu(), bos_id=self.tokenizer.bos_id,
+                                                   eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                                                   special=self.special)
+        with inference(model):
+            text = model.encode_text(torch.cat([input_ids, synthetic.to(input_ids.device)]),
+                                     torch.cat([attention_mask, synthetic_mask.to(attention_mask.device)]))
+        original = (text[:m] * image_features).sum(-1, keepdim=True)  # (m, 1)
+        candidates = (text[m:].view(m, k, -1) * image_features[:, None]).sum(-1)  # (m, K)
+        return torch.cat([original, candidates], dim=1)
 
     def generate(self, model, images: torch.Tensor, concept_ids: torch.Tensor, concept_mask: torch.Tensor,
                  step: int) -> torch.Tensor:
@@ -178,16 +217,21 @@ class Completer:
     def _any_rank(local_unfinished: bool, like: torch.Tensor) -> bool:
         return D.all_reduce_max(int(local_unfinished), like.device) > 0
 
-    def _panel(self, model, batch: dict, top: torch.Tensor, step: int) -> None:
-        """Caption the first rows of the batch (every rank, lockstep) and keep a markdown table for rank 0."""
+    def _panel(self, model, batch: dict, top: torch.Tensor, image_features: torch.Tensor, step: int) -> None:
+        """Caption the first rows of the batch (every rank, lockstep) and keep a markdown table for rank 0, with
+        the image's similarity to each caption (the caption filter's two numbers)."""
         m = min(PANEL_ROWS, batch["image"].shape[0])
         tokens = self.generate(model, batch["image"][:m], batch["concept_ids"][:m], batch["concept_mask"][:m], step)
+        similarity = self.similarity(model, batch["input_ids"][:m], batch["attention_mask"][:m], tokens,
+                                     image_features[:m]).tolist()
         synthetic = self.tokenizer.decode(tokens)
         concepts = self.cache.names(top[:m])
-        lines = ["| sample | original caption | retrieved concepts | synthetic caption |", "|---|---|---|---|"]
+        lines = ["| sample | original caption | retrieved concepts | synthetic caption | similarity to the image "
+                 "(original / synthetic) |", "|---|---|---|---|---|"]
         for i in range(m):
             lines.append(f"| {int(batch['sample_id'][i])} | {_cell(batch['caption'][i])} | "
-                         f"{_cell(', '.join(concepts[i]))} | {_cell(synthetic[i])} |")
+                         f"{_cell(', '.join(concepts[i]))} | {_cell(synthetic[i])} | "
+                         f"{similarity[i][0]:.3f} / {similarity[i][1]:.3f} |")
         self._panels.append((step, "\n".join(lines)))
 
     # --------------------------------------------------------------------------------------- logging
@@ -200,6 +244,8 @@ class Completer:
         if not self.captions.partition.replicated:  # each rank holds its slice
             stored = int(D.all_reduce_sum(torch.tensor([stored], device=D.collective_device())).item())
         metrics = {"completion/generated": self.generated, "completion/stored_captions": stored}
+        if self.generated:
+            metrics["completion/kept"] = self.kept / self.generated
         if self._steps:
             share = self._changed_share.detach().float().reshape(1) / self._steps
             if D.get_world_size() > 1:
@@ -217,7 +263,8 @@ class Completer:
     def state_dict(self) -> dict:
         """Identical on every rank; a sharded caption store is in shard_state_dict instead (captions None)."""
         captions = self.captions.state_dict() if self.captions.partition.replicated else None
-        return {"concepts": self.cache.state_dict(), "captions": captions, "generated": self.generated}
+        return {"concepts": self.cache.state_dict(), "captions": captions, "generated": self.generated,
+                "kept": self.kept}
 
     def shard_state_dict(self) -> Optional[dict]:
         """This rank's captions when the store is sharded (for its rank state), else None."""
@@ -231,6 +278,7 @@ class Completer:
             raise ValueError("caption store: the checkpoint saved its captions in per-rank slices; none was given")
         self.captions.load_shards(saved)
         self.generated = int(state["generated"])
+        self.kept = int(state.get("kept", self.generated))  # before the caption filter, every caption was kept
 
 
 def generation_seed(seed: int, step: int, rank: int) -> int:
