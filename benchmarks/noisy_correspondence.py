@@ -23,8 +23,8 @@ the same images is the reference the learned features must beat.
     python benchmarks/noisy_correspondence.py --levels 0 0.5 --variants clip harmonization --seeds 1 \\
         --incomplete-levels --epochs 2 --out /tmp/nc --doc /tmp/nc/report.md           # a toy run
 
-Levels default to r = 0, 0.2, 0.5, 0.8 (shuffle) and 0.5 (incomplete); 3 seeds at shuffle r = 0 and 0.5, 1
-elsewhere. The seed is the training seed (model init, data order, augmentation); the split and the noise are
+Levels default to r = 0, 0.2, 0.5, 0.8 (shuffle) and 0.5 (incomplete); 3 seeds at r = 0 and 0.5 (both kinds),
+1 elsewhere. The seed is the training seed (model init, data order, augmentation); the split and the noise are
 fixed (data seed 0), so the seeds of a cell differ in training alone.
 Runs are single processes (DeepSpeed ZeRO-3 at world size 1), `--jobs` at a time with the cores split between
 them; a finished run is reused, so an interrupted benchmark continues where it stopped (`--fresh` retrains).
@@ -177,6 +177,14 @@ def collect(run: Run) -> dict:
     metrics = {k: float(summary["eval"][k]) for k, _ in METRICS if k in summary.get("eval", {})}
     if "noise/auc" in summary.get("noise", {}):
         metrics["auc"] = float(summary["noise"]["noise/auc"])
+    if run.variant == "nlip" and (run.folder / "run" / "checkpoints" / "latest").is_file():
+        from bench_completion import caption_shares
+
+        shares = caption_shares(run.folder / "run", run.data)
+        metrics.update(captions_generated=shares["synthetic_captions"], captions_kept=shares["kept_captions"])
+        if shares["kept_captions"]:
+            metrics.update(synthetic_names_class=shares["kept_name_main"],
+                           originals_name_class=shares["kept_originals_name_main"])
     return metrics
 
 
@@ -186,7 +194,7 @@ def plan(args: argparse.Namespace, out: Path) -> list[Run]:
                                                         if lvl > 0]
     for kind, level in cells:
         data = make_data(args, out, kind, level)
-        seeds = args.seeds if kind == "shuffle" and level in args.multi_seed_levels else 1
+        seeds = args.seeds if level in args.multi_seed_levels else 1
         for variant in args.variants:
             for seed in range(seeds):
                 folder = out / "runs" / f"{kind}{round(level * 100):02d}-{variant}-seed{seed}"
@@ -232,12 +240,13 @@ def mean(values: list[float]) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
-def paired_gains(runs: list[Run], level: float, variant: str, key: str) -> list[float]:
-    """The variant's metric minus the CLIP loss's at the same seed (the same init and data order), seed order."""
+def paired_gains(runs: list[Run], level: float, variant: str, key: str, *, kind: str = "shuffle",
+                 baseline: str = "clip") -> list[float]:
+    """The variant's metric minus the baseline's at the same seed (the same init and data order), seed order."""
     by_seed = {r.seed: r.metrics[key] for r in runs
-               if (r.kind, r.level, r.variant) == ("shuffle", level, "clip") and key in r.metrics}
+               if (r.kind, r.level, r.variant) == (kind, level, baseline) and key in r.metrics}
     return [r.metrics[key] - by_seed[r.seed] for r in sorted(runs, key=lambda r: r.seed)
-            if (r.kind, r.level, r.variant) == ("shuffle", level, variant) and key in r.metrics
+            if (r.kind, r.level, r.variant) == (kind, level, variant) and key in r.metrics
             and r.seed in by_seed]
 
 
@@ -263,7 +272,44 @@ def summary_lines(runs: list[Run], args: argparse.Namespace) -> list[str]:
         if gains:
             lines.append(f"  Gain over the CLIP loss at the same seed: {', '.join(f'{g:+.3f}' for g in gains)} "
                          f"({sum(g > 0 for g in gains)} of {len(gains)} seeds ahead).")
+    for level in sorted({r.level for r in runs if r.kind == "incomplete"}):  # issue 19: completion's own gain
+        for title, metric in (("zero-shot", key), ("i2t R@1", "i2t_r1"), ("t2i R@1", "t2i_r1")):
+            gains = paired_gains(runs, level, "nlip", metric, kind="incomplete", baseline="harmonization")
+            if gains:
+                lines.append(f"- nlip against harmonization alone at {level:.0%} incomplete captions, {title} at the "
+                             f"same seed: {', '.join(f'{g:+.3f}' for g in gains)} ({sum(g > 0 for g in gains)} of "
+                             f"{len(gains)} seeds ahead).")
     return lines
+
+
+CAPTIONS = (("captions_generated", "synthetic captions"), ("captions_kept", "kept by the filter"),
+            ("synthetic_names_class", "kept, naming the class"),
+            ("originals_name_class", "their originals, naming it"))
+
+
+def caption_table(runs: list[Run]) -> list[str]:
+    """What the NLIP runs' final caption stores hold, against the ground truth (benchmarks/bench_completion.py)."""
+    cells = sorted({(r.kind, r.level) for r in runs if r.variant == "nlip" and "captions_generated" in r.metrics},
+                   key=lambda c: (c[0] != "shuffle", c[1]))
+    if not cells:
+        return []
+    lines = ["Synthetic captions of the nlip runs: the final caption store against each training image's class "
+             "(a caption names the class when it holds its name or numeral); the filter keeps a caption only if "
+             "the model's embeddings put it closer to the image than the original (`completion.filter`).", "",
+             "| noise | r | " + " | ".join(t for _, t in CAPTIONS) + " |", "|---|---|" + "---|" * len(CAPTIONS)]
+    for kind, level in cells:
+        counts = [_spread(cell_values(runs, kind, level, "nlip", k), "{:.0f}") for k, _ in CAPTIONS[:2]]
+        shares = [_spread(cell_values(runs, kind, level, "nlip", k), "{:.1%}") for k, _ in CAPTIONS[2:]]
+        lines.append(f"| {kind} | {level:.0%} | " + " | ".join(counts + shares) + " |")
+    return lines + [""]
+
+
+def _spread(values: list[float], form: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return form.format(values[0])
+    return f"{form.format(mean(values))} ± {form.format(statistics.stdev(values))}"
 
 
 def plot(runs: list[Run], args: argparse.Namespace, figures: Path) -> Path:
@@ -323,7 +369,8 @@ def report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: float,
         lines += [f"- `{r.name}`: {r.error.splitlines()[0]}" for r in failed]
     lines += ["", "`-`: no estimator (no AUC); `n/a`: no noisy pair to detect.", ""]
     lines += summary_lines(runs, args)
-    lines += ["", f"![accuracy against noise]({figures.name}/{chart.name})", ""]
+    lines += [""] + caption_table(runs)
+    lines += [f"![accuracy against noise]({figures.name}/{chart.name})", ""]
     return "\n".join(lines)
 
 
