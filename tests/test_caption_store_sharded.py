@@ -129,4 +129,4 @@ def test_a_sharded_2_rank_completion_run_and_its_resume_match_the_replicated_run
         if "completion/generated" in m:
             assert got[step]["completion/generated"] == m["completion/generated"], step
             assert got[step]["completion/stored_captions"] == m["completion/stored_captions"], step
-            assert got[step]["completion/kept"] == m["completion/kept"], step
+            assert got[step].get("completion/kept") == m.get("completion/kept"), step  # none before a caption

@@ -333,12 +333,19 @@ completer = Completer(cfg, tok{hold})
 out = completer.generate(engine.module, *inputs, step=7)
 assert torch.equal(out, torch.load({expected!r})[rank]), (out, torch.load({expected!r})[rank])
 assert len(calls) == cfg.completion.max_tokens, len(calls)  # both ranks ran every decoder step
-# the bank path: rank 0 captions two rows, rank 1 has none and runs one dummy row in step
-batch = {{"image": inputs[0], "concept_ids": inputs[1], "concept_mask": inputs[2], "sample_id": torch.tensor([5, 6])}}
-completer._caption_into_store(engine.module, batch, [0, 1] if rank == 0 else [], SimpleNamespace(epoch=0, step=7))
+# the bank path: rank 0 captions two rows, rank 1 has none and runs one dummy row in step, through the generate
+# call and the caption filter's T_e forward
+ids, mask = tok.encode(["a red circle", "my photo"], cfg.model.text.context_length)
+batch = {{"image": inputs[0], "concept_ids": inputs[1], "concept_mask": inputs[2], "sample_id": torch.tensor([5, 6]),
+          "input_ids": ids, "attention_mask": mask}}
+with torch.no_grad():
+    features = engine.module.encode_image(inputs[0])
+assert cfg.completion.filter
+completer._caption_into_store(engine.module, batch, [0, 1] if rank == 0 else [], SimpleNamespace(epoch=0, step=7),
+                              features)
 banks = D.all_gather_object(completer.captions.state_dict())
 assert completer.generated == 2 and len(completer.captions) == 2 and 5 in completer.captions and 6 in completer.captions
-assert all(torch.equal(b["tokens"], banks[0]["tokens"]) and torch.equal(b["ids"], banks[0]["ids"]) for b in banks)
+assert all(torch.equal(b[k], banks[0][k]) for b in banks for k in ("tokens", "ids", "kept"))
 if rank == 0:
     assert torch.equal(completer.captions.get([5, 6]), out)  # the same seed, step and rank: the same captions
 print("LOCKSTEP-OK", rank, flush=True)
@@ -465,7 +472,7 @@ def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
     text = panels[0].tensor_proto.string_val[0].decode()
     assert "original caption" in text and "retrieved concepts" in text and "synthetic caption" in text
     assert "similarity to the image" in text
-    assert all(m["completion/kept"] == 1.0 for m in logged)  # the filter is off here: every caption kept
+    assert all(m["completion/kept"] == 1.0 for m in logged if m["completion/generated"])  # no filter: all kept
     assert len(saved["captions"]["ids"]) == logged[-1]["completion/stored_captions"]
 
 
