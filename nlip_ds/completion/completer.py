@@ -21,8 +21,9 @@
    and keeps the one the model's own embeddings put closest to its image. With completion.filter (the
    default), that caption is kept only if it lies closer to the image than the original caption (the
    captioner and filter of BLIP's CapFilt, judged by the contrastive towers: one no-grad T_e forward of the
-   original and candidate captions, lockstep like generate). Picked pairs with a kept caption in the store get it (replace/threshold: instead
-   of the original, with omega = 0; concat: after the original); the others train on their original caption.
+   original and candidate captions, lockstep like generate). Picked pairs with a kept caption in the store get
+   it (replace/threshold: instead of the original, with omega = 0; concat: after the original); the others
+   train on their original caption.
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
    ("caption_changed"); NLIPTask hands the noise estimator the loss of the original pairs without concepts.
 
