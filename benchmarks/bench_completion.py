@@ -293,10 +293,9 @@ def main(argv=None) -> int:
             results[variant][seed] = summary
     text = report(args, data, results)
     (out / "report.md").write_text(text)
-    (out / "bench_completion.json").write_text(json.dumps(
-        {"args": vars(args), "runs": {v: {str(s): ({"eval": r["eval"], "train_seconds": r["train_seconds"]} if r
-                                                   else None) for s, r in runs.items()} for v, runs in results.items()}},
-        indent=2) + "\n")
+    brief = lambda r: {"eval": r["eval"], "train_seconds": r["train_seconds"]} if r else None
+    runs = {v: {str(seed): brief(r) for seed, r in by_seed.items()} for v, by_seed in results.items()}
+    (out / "bench_completion.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2) + "\n")
     print(text)
     return 0 if all(r for runs in results.values() for r in runs.values()) else 1
 
