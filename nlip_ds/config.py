@@ -196,6 +196,8 @@ class CompletionConfig:
     filter: bool = opt(True, "train on a synthetic caption only if the model's own embeddings put it closer to "
                        "its image than the original caption (BLIP's CapFilt); otherwise the pair keeps its "
                        "original caption")
+    filter_to_clean: bool = opt(True, "with the filter, also require the synthetic caption to lie at least as "
+                                "close to its image as the median pair of the batch the estimator calls clean")
     candidates: int = opt(1, "sampled captions per pair; the one the model's embeddings put closest to the image "
                           "is kept (needs strategy nucleus when above 1)", lo=1, hi=64)
 

@@ -215,7 +215,8 @@ def test_caption_filter_similarity_is_the_models_own_cosine(synth_dir, synth_tok
 def test_candidates_keep_the_one_closest_to_the_image(synth_dir, synth_tokenizer, monkeypatch):
     cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
                                          "completion.filter=true", "completion.strategy=nucleus",
-                                         "completion.candidates=3", "completion.per_step_budget=4")
+                                         "completion.candidates=3", "completion.per_step_budget=4",
+                                         "completion.filter_to_clean=false")
     eos, pad = synth_tokenizer.eos_id, synth_tokenizer.pad_id
     generated = []
 
@@ -244,7 +245,8 @@ def test_candidates_keep_the_one_closest_to_the_image(synth_dir, synth_tokenizer
 def test_caption_filter_trains_only_on_kept_captions_and_does_not_regenerate_the_others(synth_dir, synth_tokenizer,
                                                                                         monkeypatch):
     cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
-                                         "completion.filter=true", "completion.per_step_budget=4")
+                                         "completion.filter=true", "completion.per_step_budget=4",
+                                         "completion.filter_to_clean=false")
     judged = []
 
     def similarity(model, input_ids, attention_mask, tokens, image_features):
@@ -275,6 +277,32 @@ def test_caption_filter_trains_only_on_kept_captions_and_does_not_regenerate_the
     del old["kept"], old["captions"]["kept"]
     restored.load_state_dict(old)
     assert restored.kept == 2 and restored.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, True]
+
+
+def test_clean_bar_is_the_median_similarity_of_the_pairs_called_clean(synth_dir, synth_tokenizer):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.filter=true")
+    with torch.no_grad():
+        image = task.model.encode_image(batch["image"])
+        similarity = (task.model.encode_text(batch["input_ids"], batch["attention_mask"]) * image).sum(-1)
+    bar = completer.clean_bar(task.model, batch, torch.tensor([0.1, 0.9, 0.3, 0.2]), image)
+    torch.testing.assert_close(bar, similarity[[0, 2, 3]].median())
+    assert completer.clean_bar(task.model, batch, torch.ones(4), image) == float("inf")  # no clean pair
+
+
+@pytest.mark.parametrize("bar, kept", [(0.55, [True, False]), (0.7, [False, False])])
+def test_the_filter_keeps_a_caption_only_at_or_above_the_clean_bar(synth_dir, synth_tokenizer, monkeypatch, bar,
+                                                                    kept):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
+                                         "completion.filter=true", "completion.per_step_budget=4")
+    assert cfg.completion.filter_to_clean  # the default
+    # row 1's caption beats its original (0.6 > 0.1), row 3's does not; the bar decides row 1
+    monkeypatch.setattr(completer, "similarity", lambda model, ids, *a: torch.tensor([[0.1, 0.6], [0.5, 0.2]])
+                        if ids.shape[0] == 2 else torch.zeros(ids.shape[0], 2))
+    monkeypatch.setattr(completer, "clean_bar", lambda *a: torch.tensor(bar))
+    eps = torch.tensor([0.0, 0.9, 0.2, 0.7])
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    assert completer.captions.lookup(torch.tensor([11, 13])).kept.tolist() == kept
+    assert out["caption_changed"].tolist() == [False, kept[0], False, False]
 
 
 def test_the_estimator_sees_the_loss_of_the_original_caption_without_concepts(synth_dir, synth_tokenizer):
@@ -340,9 +368,9 @@ batch = {{"image": inputs[0], "concept_ids": inputs[1], "concept_mask": inputs[2
           "input_ids": ids, "attention_mask": mask}}
 with torch.no_grad():
     features = engine.module.encode_image(inputs[0])
-assert cfg.completion.filter
+assert cfg.completion.filter and cfg.completion.filter_to_clean
 completer._caption_into_store(engine.module, batch, [0, 1] if rank == 0 else [], SimpleNamespace(epoch=0, step=7),
-                              features)
+                              features, torch.tensor([0.2, 0.9]))  # the clean bar's T_e forward too
 banks = D.all_gather_object(completer.captions.state_dict())
 assert completer.generated == 2 and len(completer.captions) == 2 and 5 in completer.captions and 6 in completer.captions
 assert all(torch.equal(b[k], banks[0][k]) for b in banks for k in ("tokens", "ids", "kept"))

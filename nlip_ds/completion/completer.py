@@ -19,9 +19,10 @@
    exactly once (a rank with no work on one dummy row, discarded) with a sync_fn, and one all-gather puts the
    new captions into every rank's store. With completion.candidates = K > 1, each pair gets K sampled captions
    and keeps the one the model's own embeddings put closest to its image. With completion.filter (the
-   default), that caption is kept only if it lies closer to the image than the original caption (the
-   captioner and filter of BLIP's CapFilt, judged by the contrastive towers: one no-grad T_e forward of the
-   original and candidate captions, lockstep like generate). Picked pairs with a kept caption in the store get
+   default), that caption is kept only if it lies closer to the image than the original caption and, with
+   completion.filter_to_clean (the default), at least as close as the median pair of the batch that the
+   estimator calls clean (the captioner and filter of BLIP's CapFilt, judged by the contrastive towers: no-grad
+   T_e forwards of the batch's original and the candidate captions, lockstep like generate). Picked pairs with a kept caption in the store get
    it (replace/threshold: instead of the original, with omega = 0; concat: after the original); the others
    train on their original caption.
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
@@ -129,7 +130,7 @@ class Completer:
         need = [i for i, (p, f) in enumerate(zip(picked, fresh)) if p and not f][:self.c.per_step_budget]
         device = batch["image"].device
         if self.c.per_step_budget and D.all_reduce_max(len(need), device) > 0:
-            self._caption_into_store(model, batch, need, state, image_features)
+            self._caption_into_store(model, batch, need, state, image_features, eps)
             stored = self.captions.lookup(batch["sample_id"])  # with this step's new captions
         rows = [i for i, p in enumerate(picked) if p and bool(stored.kept[i])]
         changed = torch.zeros(len(ids), dtype=torch.bool, device=device)
@@ -151,7 +152,8 @@ class Completer:
         self._steps += 1
         return batch, omega
 
-    def _caption_into_store(self, model, batch: dict, need: list[int], state, image_features: torch.Tensor) -> None:
+    def _caption_into_store(self, model, batch: dict, need: list[int], state, image_features: torch.Tensor,
+                            eps: torch.Tensor) -> None:
         """Generate for this rank's `need` rows (lockstep with the other ranks), judge them by the caption filter
         and gather every rank's new captions with the verdicts into the store, padded to per_step_budget rows
         per rank."""
@@ -168,7 +170,10 @@ class Completer:
             best = similarity[:, 1:].argmax(dim=1)
             tokens = tokens.view(len(index), k, -1)[torch.arange(len(index), device=device), best]
             if self.c.filter:
-                kept = similarity[:, 1:].amax(dim=1) > similarity[:, 0]
+                closest = similarity[:, 1:].amax(dim=1)
+                kept = closest > similarity[:, 0]
+                if self.c.filter_to_clean:
+                    kept &= closest >= self.clean_bar(model, batch, eps, image_features)
         ids = torch.full((budget,), -1, dtype=torch.long, device=device)
         rows = torch.zeros((budget, self.c.max_tokens + 1), dtype=torch.long, device=device)  # tokens, kept
         rows[:, :-1] = self.tokenizer.pad_id
@@ -199,6 +204,17 @@ class Completer:
         original = (text[:m] * image_features).sum(-1, keepdim=True)  # (m, 1)
         candidates = (text[m:].view(m, k, -1) * image_features[:, None]).sum(-1)  # (m, K)
         return torch.cat([original, candidates], dim=1)
+
+    def clean_bar(self, model, batch: dict, eps: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """The median image-caption similarity of this rank's batch pairs the estimator calls clean (ε < 0.5;
+        +inf when there is none): a synthetic caption must look at least that clean to be kept. A caption that
+        only beats a junk original ("IMG_2031.jpg") is not enough; a captioner not yet worth listening to
+        rarely reaches the bar. One no-grad T_e forward of the batch: lockstep, every rank calls it together."""
+        with inference(model):
+            text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        similarity = (text * image_features).sum(-1)
+        clean = eps.to(similarity.device) < 0.5
+        return similarity[clean].median() if bool(clean.any()) else similarity.new_tensor(float("inf"))
 
     def generate(self, model, images: torch.Tensor, concept_ids: torch.Tensor, concept_mask: torch.Tensor,
                  step: int) -> torch.Tensor:
