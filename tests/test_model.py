@@ -441,3 +441,19 @@ def test_from_pretrained_names_a_folder_of_another_export_format(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["CLIPModel"]}')
     with pytest.raises(ValueError, match=r"not an NLIPModel export .*docs/export.md"):
         NLIPModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("concept_grad", [False, True])
+def test_the_caption_loss_trains_the_text_encoder_through_the_prefix_only_with_concept_grad(concept_grad):
+    """With the prefix outside the embedding, the decoder's concept features come from a T_e pass over the bare
+    concept names; by default that pass carries no gradient, so the caption loss leaves T_e alone."""
+    model = build(mae=False)
+    model.config.text.concept_grad = concept_grad
+    model.config.text.concept_dropout = 0.0
+    out = model(make_batch())
+    logits, labels = out["caption_logits"], out["caption_labels"]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                      ignore_index=-100).backward()
+    text_grads = [p.grad for p in model.text.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert bool(text_grads) == concept_grad
+    assert model.decoder.memory.concepts.weight.grad.abs().sum() > 0  # the decoder still learns to read them

@@ -108,7 +108,8 @@ class NLIPModel(nn.Module):
         else:  # the caption alone makes the embedding; the prefix goes to the decoder's memory only
             txt = concepts = self.text(batch["input_ids"], batch["attention_mask"])
             if concept_ids is not None:
-                concepts = self._concept_features(concept_ids, concept_mask)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.text.concept_grad):
+                    concepts = self._concept_features(concept_ids, concept_mask)
         dec_ids, dec_mask, labels = teacher_forcing(batch["input_ids"], batch["attention_mask"],
                                                     self.decoder.max_length)
         memory, memory_mask = self.decoder.memory(vis.tokens, concepts.concept_features, concepts.concept_mask)
