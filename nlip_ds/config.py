@@ -65,9 +65,9 @@ class TextConfig:
                                     "(the paper's T_e over [concepts] <sep> caption, docs/method.md); off: the prefix "
                                     "reaches only the caption decoder's memory, since the image-derived prefix lets a "
                                     "text match its image without reading the caption (docs/results.md)")
-    concept_grad: bool = opt(False, "with the prefix outside the embedding, let the caption loss train T_e through "
-                             "the concept features it hands the decoder; off: those features carry no gradient, "
-                             "since training T_e on bare concept names cost zero-shot accuracy (docs/completion.md)")
+    concept_grad: bool = opt(True, "with the prefix outside the embedding, let the caption loss train T_e through "
+                             "the concept features it hands the decoder; off: those features carry no gradient "
+                             "(tried against unstable zero-shot, not better: docs/completion.md)")
 
 
 @dataclass
