@@ -446,7 +446,8 @@ def test_from_pretrained_names_a_folder_of_another_export_format(tmp_path):
 @pytest.mark.parametrize("concept_grad", [False, True])
 def test_the_caption_loss_trains_the_text_encoder_through_the_prefix_only_with_concept_grad(concept_grad):
     """With the prefix outside the embedding, the decoder's concept features come from a T_e pass over the bare
-    concept names; by default that pass carries no gradient, so the caption loss leaves T_e alone."""
+    concept names; with model.text.concept_grad off that pass carries no gradient and the caption loss leaves
+    T_e alone."""
     model = build(mae=False)
     model.config.text.concept_grad = concept_grad
     model.config.text.concept_dropout = 0.0
