@@ -295,7 +295,8 @@ def caption_table(runs: list[Run]) -> list[str]:
         return []
     lines = ["Synthetic captions of the nlip runs: the final caption store against each training image's class "
              "(a caption names the class when it holds its name or numeral); the filter keeps a caption only if "
-             "the model's embeddings put it closer to the image than the original (`completion.filter`).", "",
+             "the model's embeddings put it closer to the image than the original and than the batch's median "
+             "clean pair (`completion.filter`, `completion.filter_to_clean`).", "",
              "| noise | r | " + " | ".join(t for _, t in CAPTIONS) + " |", "|---|---|" + "---|" * len(CAPTIONS)]
     for kind, level in cells:
         counts = [_spread(cell_values(runs, kind, level, "nlip", k), "{:.0f}") for k, _ in CAPTIONS[:2]]
