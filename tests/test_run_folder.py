@@ -140,7 +140,7 @@ CHANGES = {  # one valid new value for every model.* key
     "model.vision.mask_ratio": 0.25, "model.vision.pretrained_path": "/nowhere/vit.safetensors",
     "model.vision.layout": "timm",
     "model.text.width": 96, "model.text.depth": 3, "model.text.heads": 4, "model.text.context_length": 48,
-    "model.text.concept_dropout": 0.2, "model.text.prefix_in_embedding": True,
+    "model.text.concept_dropout": 0.2, "model.text.prefix_in_embedding": True, "model.text.concept_grad": False,
     "model.decoder.width": 96, "model.decoder.depth": 3, "model.decoder.heads": 4, "model.decoder.max_length": 48,
     "model.decoder.label_smoothing": 0.0, "model.decoder.dropout": 0.0, "model.decoder.loss_weight": 0.5,
     "model.mae.enabled": False, "model.mae.width": 96, "model.mae.depth": 2, "model.mae.heads": 4,
