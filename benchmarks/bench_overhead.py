@@ -11,6 +11,12 @@ variants take turns rep by rep (a change in machine load hits all of them), and 
 At world size 2 each rank runs the bare loop on its own micro-batch (no communication, the same compute per
 rank) beside the 2-rank nlip-ds step; torch threads per rank = cores / ranks. Prints samples/s (global) and the
 ratio bare / variant, i.e. how many times longer a step of the variant takes.
+
+DeepSpeed replaces torch.nn.functional.linear for the whole process when it builds a ZeRO-3 engine with
+zero_optimization.memory_efficient_linear on (its default) and never puts it back, which would slow the bare
+loop built beside it. Each variant therefore runs with the linear that a process of its own would have: the
+builtin one for the bare loop, ZeRO-2 and ds_configs/zero3.json (which turns the option off), DeepSpeed's for a
+ZeRO-3 JSON that leaves it on.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+BUILTIN_LINEAR = F.linear
 
 from nlip_ds.distributed import free_port  # noqa: E402
 
@@ -66,6 +73,7 @@ def model(cfg):
 class Bare:
     def __init__(self, cfg):
         self.model = model(cfg).train()
+        self.linear = BUILTIN_LINEAR
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
     def step(self, batch: dict) -> None:
@@ -94,6 +102,8 @@ class NLIPStep:
         estimator = NoiseEstimator(self.cfg.noise, contrastive_batch=batch * world)  # as train/loop.py builds it
         self.engine = E.initialize(NLIPTask(model(self.cfg), self.cfg, estimator), self.cfg,
                                    E.build_ds_config(self.cfg, world), total_steps=10 ** 6)
+        self.linear = F.linear  # DeepSpeed's if this engine replaced it (see the module docstring)
+        torch.nn.functional.linear = BUILTIN_LINEAR
         self.state, self.acc = RunState.create(estimator), MetricAccumulator()
         self.guard = NonFiniteGuard(self.cfg, self.engine.device)
 
@@ -112,6 +122,7 @@ def measure(world: int, rank: int, reps: int, steps: int, batch: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(reps + 1):  # rep 0 warms up
         for name, runner in runners.items():
+            torch.nn.functional.linear = runner.linear
             runner.step(data[-1])
             if world > 1:
                 torch.distributed.barrier()
