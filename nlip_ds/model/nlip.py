@@ -21,7 +21,10 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import Block
 from torch import nn
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from nlip_ds.config import ModelConfig, from_dict
 from nlip_ds.model.decoder import CaptionDecoder, teacher_forcing
@@ -38,6 +41,8 @@ CONFIG_NAME = "config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 SPECIAL_KEYS = ("vocab_size", "pad_id", "bos_id", "eos_id", "sep_id")
+# One transformer layer of V_e and V_d (timm), T_e (CLIP) or C_d (BERT): see `NLIPModel.single_pass_layers`.
+TRANSFORMER_LAYERS = (Block, CLIPEncoderLayer, BertLayer)
 
 
 class NLIPModel(nn.Module):
@@ -148,6 +153,14 @@ class NLIPModel(nn.Module):
                     matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))
                     (decay if matrix else no_decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def single_pass_layers(self) -> list[nn.Module]:
+        """The transformer layers of V_e, V_d and C_d, in module order: each runs whole, at most once per training
+        forward with gradients, which is what lets ZeRO-3 gather each one's parameters in one go
+        (train/engine.py, `gather_by_layer`). T_e's layers are not among them: with the concept prefix on, T_e
+        runs twice with gradients in one forward (the caption, then the prefix)."""
+        towers = [self.vision, self.decoder] + ([self.mae] if self.mae is not None else [])
+        return [module for tower in towers for module in tower.modules() if isinstance(module, TRANSFORMER_LAYERS)]
 
     # ---------------------------------------------------------------------------------------- evaluation
 

@@ -131,6 +131,30 @@ def check_engine_options(cfg: Config) -> None:
                           "deepspeed.config=ds_configs/zero3.json, or optim.name=adamw with offload")
 
 
+def gather_by_layer(model: torch.nn.Module, ds_config: dict) -> int:
+    """Under ZeRO-3, mark each transformer layer of V_e, V_d and C_d a DeepSpeed leaf module: the layer's
+    parameters are gathered together when it starts and released when it ends, where DeepSpeed would otherwise
+    hook, gather and release every Linear and LayerNorm inside it. A layer runs whole anyway, so the peak of
+    gathered parameters stays about one layer; the hooks' Python work was most of ZeRO-3's overhead on the tiny
+    model (docs/performance.md, "Framework overhead").
+
+    DeepSpeed reduces a leaf's gradients when the leaf's backward ends, so a leaf must run at most once per
+    backward: `NLIPModel.single_pass_layers` leaves out T_e, which runs twice once the concept prefix is on (a
+    leaf T_e fails DeepSpeed's duplicate-gradient assertion there). An engine JSON with its own
+    zero_optimization.leaf_module section decides instead: `"leaf_module": {"classes": []}` hooks every
+    submodule again. Returns the number of layers marked."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage", 0) != 3 or "leaf_module" in zero:
+        return 0
+    from deepspeed.utils import set_z3_leaf_module
+
+    layers = model.single_pass_layers()
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+    logger.info("ZeRO-3 gathers parameters per transformer layer in V_e, V_d and C_d (%d layers)", len(layers))
+    return len(layers)
+
+
 def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps: int):
     """One DeepSpeed engine over the task module (model + losses); under ZeRO-3 this partitions every parameter.
 
@@ -140,6 +164,7 @@ def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps:
     """
     import deepspeed
 
+    gather_by_layer(task.model, ds_config)
     optimizer = build_optimizer(task.param_groups(cfg.optim.weight_decay), cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
