@@ -492,6 +492,8 @@ def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
     logged = [m for m in metrics if "completion/generated" in m]
     assert logged and logged[-1]["completion/generated"] > 0 and logged[-1]["completion/stored_captions"] > 0
     assert any(0 < m.get("completion/replaced", 0) <= 1 for m in metrics)
+    recall = [m["completion/concept_recall"] for m in logged if "completion/concept_recall" in m]
+    assert recall and all(0 <= r <= 1 for r in recall)  # the synthetic shards carry their object lists
     assert "eval zeroshot_top1" in first.stdout  # the run finished through its evaluation
     acc = EventAccumulator(str(run / "tensorboard" / "nlip"), size_guidance={"tensors": 0}).Reload()
     panels = acc.Tensors("completion/samples/text_summary")

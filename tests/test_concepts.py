@@ -267,3 +267,13 @@ def test_retrieval_finds_the_true_objects(short_run):
     chance = 5 / len(cache)
     assert recall["all"] > chance + 0.13, recall
     assert recall["colour"] > chance + 0.3, recall
+
+
+def test_recall_counts_the_concepts_that_name_each_images_objects():
+    cache = ConceptCache(["red", "circle", "blue", "square", "teddy bear", "bear"])
+    top = torch.tensor([[0, 1], [2, 5], [3, 4]])  # red circle | blue bear | square teddy bear
+    objects = [["red circle"], ["blue square", "teddy bear"], []]
+    # image 0: red and circle, both retrieved (2 of 2); image 1: blue, square, teddy bear and bear ("bear" names
+    # part of "teddy bear"), of which blue and bear are retrieved (2 of 4); image 2 has no objects
+    assert cache.recall(top, objects) == (4, 6)
+    assert cache.recall(top, [[], [], []]) == (0, 0)

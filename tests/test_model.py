@@ -119,6 +119,21 @@ def test_decoder_memory_in_training_is_the_prefix_features_generation_uses():
     torch.testing.assert_close(logits[0], logits[1])
 
 
+def test_caption_and_prefix_in_one_text_encoder_call_equal_two_calls():
+    """Training runs T_e once over captions and prefixes stacked (so ZeRO-3 may gather its layers whole): the
+    caption embedding and the concept features are those of the caption alone and of the prefix alone."""
+    batch = make_batch()
+    model = build(mae=False).train()
+    caption, prefix = model._caption_and_prefix(batch["input_ids"], batch["attention_mask"], batch["concept_ids"],
+                                                batch["concept_mask"])
+    alone = model.text(batch["input_ids"], batch["attention_mask"])
+    concepts = model._concept_features(batch["concept_ids"], batch["concept_mask"])
+    torch.testing.assert_close(caption.pooled, alone.pooled)
+    assert torch.equal(prefix.concept_mask, concepts.concept_mask) and prefix.concept_mask.any()
+    torch.testing.assert_close(prefix.concept_features[prefix.concept_mask],
+                               concepts.concept_features[concepts.concept_mask])
+
+
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_patch_masking_keeps_the_requested_share(ratio):
     torch.manual_seed(0)

@@ -121,6 +121,6 @@ def test_zero3_partitions_every_large_parameter(results):
 
 @pytest.mark.dist
 def test_zero3_gathers_whole_transformer_layers_unless_the_json_says_otherwise(results):
-    layers = 2 * 2  # tiny config: 2 layers each in V_e and C_d (not T_e, which runs twice with concepts on)
+    layers = 2 * 3  # tiny config: 2 layers each in V_e, T_e and C_d
     assert [results[w]["leaves"] for w in (1, 2, 4)] == [layers] * 3
     assert results["per_submodule"]["leaves"] == 0

@@ -90,6 +90,7 @@ class Completer:
         self.kept = 0  # of which the caption filter kept (all of them without completion.filter)
         self._changed_share = None  # (,) device sum of the per-step share of changed captions since the last log
         self._steps = 0
+        self._recall = [0, 0]  # concept recall since the last log: (hits, total), `ConceptCache.recall`
         self._panels: list[tuple[int, str]] = []
 
     # -------------------------------------------------------------------------------------- per step
@@ -103,6 +104,9 @@ class Completer:
         with inference(model):
             image_features = model.encode_image(batch["image"])  # (n, D)
         top = self.cache.retrieve(image_features, self.c.top_k)  # (n, k)
+        if batch.get("objects"):  # ground truth, where the shards carry it
+            hits, total = self.cache.recall(top, batch["objects"])
+            self._recall = [self._recall[0] + hits, self._recall[1] + total]
         batch = dict(batch)
         batch["concept_ids"], batch["concept_mask"] = self.cache.prefix(top, self.tokenizer, self.prefix_length)
         if refreshed:
@@ -256,7 +260,8 @@ class Completer:
     def log(self, sink, step: int) -> None:
         """At a log step, on every rank together: completion/generated (cumulative over the run, all ranks),
         completion/stored_captions, completion/replaced (share of pairs that trained on a synthetic caption since the
-        last log, all ranks) and the pending text panels."""
+        last log, all ranks), completion/concept_recall (since the last log, all ranks; only where the data
+        carries object lists: `ConceptCache.recall`) and the pending text panels."""
         stored = len(self.captions)
         if not self.captions.partition.replicated:  # each rank holds its slice
             stored = int(D.all_reduce_sum(torch.tensor([stored], device=D.collective_device())).item())
@@ -270,6 +275,12 @@ class Completer:
                 share /= D.get_world_size()
             metrics["completion/replaced"] = float(share)
             self._changed_share, self._steps = None, 0
+        recall = torch.tensor(self._recall, dtype=torch.float64, device=D.collective_device())
+        if D.get_world_size() > 1:
+            torch.distributed.all_reduce(recall)
+        if recall[1] > 0:
+            metrics["completion/concept_recall"] = float(recall[0] / recall[1])
+        self._recall = [0, 0]
         sink.log(metrics, step)
         for panel_step, text in self._panels:
             sink.text("completion/samples", text, panel_step)

@@ -67,6 +67,7 @@ class ConceptCache:
         self.template = template
         self._embeddings: Optional[torch.Tensor] = None  # (C, D) float32, L2-normalized
         self.refreshed_at_step: Optional[int] = None
+        self._named_by: dict[str, frozenset] = {}  # object name -> the concepts naming it (`recall`)
 
     def __len__(self) -> int:
         return len(self._names)
@@ -139,6 +140,26 @@ class ConceptCache:
         self._require_ready("prefix")
         ids, mask = tokenizer.encode_concepts(self.names(indices), max_length)
         return ids.to(indices.device), mask.to(indices.device)
+
+    def recall(self, indices: torch.Tensor, objects: Sequence[Sequence[str]]) -> tuple[int, int]:
+        """How well the retrieved concepts name what is in the images, against ground-truth object lists (the
+        "objects" of synthetic and digits shards: "red circle", "seven"): (hits, total) over the concepts that
+        name an image's objects (a concept whose words appear whole in one of its object names: "red" and
+        "circle" for "red circle"), a hit when such a concept is among the image's retrieved ones. Rows of
+        (B, k) `indices` and `objects` pair up; rows without objects count nothing."""
+        hits = total = 0
+        for retrieved, names in zip(self.names(indices), objects):
+            true = set().union(*(self._concepts_in(name) for name in names))
+            hits += len(true.intersection(retrieved))
+            total += len(true)
+        return hits, total
+
+    def _concepts_in(self, object_name: str) -> frozenset:
+        """The concepts whose words appear whole in `object_name` (memoized: object names repeat)."""
+        if object_name not in self._named_by:
+            words = f" {' '.join(str(object_name).lower().split())} "
+            self._named_by[object_name] = frozenset(c for c in self._names if f" {c.lower()} " in words)
+        return self._named_by[object_name]
 
     # -------------------------------------------------------------------------------------- checkpoint
 

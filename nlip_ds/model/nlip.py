@@ -31,7 +31,7 @@ from nlip_ds.model.decoder import CaptionDecoder, teacher_forcing
 from nlip_ds.model.generation import GenerationOptions, SpecialIds, SyncFn, beam_loop, sample_loop
 from nlip_ds.model.layers import LogitScale, l2_normalize
 from nlip_ds.model.mae import MAEDecoder
-from nlip_ds.model.text import TextEncoder
+from nlip_ds.model.text import TextEncoder, TextOutput
 from nlip_ds.model.vision import ImageEncoder
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,14 @@ class NLIPModel(nn.Module):
         if self.config.text.prefix_in_embedding:
             txt = concepts = self.text(batch["input_ids"], batch["attention_mask"], concept_ids, concept_mask)
         else:  # the caption alone makes the embedding; the prefix goes to the decoder's memory only
-            txt = concepts = self.text(batch["input_ids"], batch["attention_mask"])
-            if concept_ids is not None:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.text.concept_grad):
+            if concept_ids is None:
+                txt = concepts = self.text(batch["input_ids"], batch["attention_mask"])
+            elif self.config.text.concept_grad or not torch.is_grad_enabled():
+                txt, concepts = self._caption_and_prefix(batch["input_ids"], batch["attention_mask"], concept_ids,
+                                                         concept_mask)
+            else:  # the prefix's pass trains nothing: a second call, without gradients
+                txt = self.text(batch["input_ids"], batch["attention_mask"])
+                with torch.no_grad():
                     concepts = self._concept_features(concept_ids, concept_mask)
         dec_ids, dec_mask, labels = teacher_forcing(batch["input_ids"], batch["attention_mask"],
                                                     self.decoder.max_length)
@@ -128,6 +133,20 @@ class NLIPModel(nn.Module):
         if self.mae is not None and vis.mask is not None:
             out["mae_loss"] = self.mae(vis.tokens, vis.ids_restore, vis.mask, images)  # (B,)
         return out
+
+    def _caption_and_prefix(self, input_ids, attention_mask, concept_ids, concept_mask):
+        """T_e over the captions alone and over the concept prefixes alone, as 2B rows of one call: what
+        `self.text(input_ids, attention_mask)` and `_concept_features` give, up to float rounding, with T_e run
+        once (so ZeRO-3 can gather its layers whole: `single_pass_layers`). Returns (caption output, prefix
+        output); of the first only `pooled` is read, of the second the concept features and mask."""
+        pad = self.special["pad_id"]
+        ids = torch.cat([input_ids, torch.full_like(input_ids, pad)])  # (2B, T): no caption in the prefix rows
+        mask = torch.cat([attention_mask, torch.zeros_like(attention_mask)])
+        prefix_ids = torch.cat([torch.full_like(concept_ids, pad), concept_ids])  # (2B, K): none in the caption rows
+        prefix_mask = torch.cat([torch.zeros_like(concept_mask), concept_mask])
+        both = self.text(ids, mask, prefix_ids, prefix_mask)
+        n = input_ids.shape[0]
+        return (TextOutput(*(field[:n] for field in both)), TextOutput(*(field[n:] for field in both)))
 
     def _concept_prefix(self, batch: dict, generator: Optional[torch.Generator]):
         """The batch's concept prefix with whole-prefix dropout in training; (None, None) when absent."""
@@ -155,12 +174,12 @@ class NLIPModel(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def single_pass_layers(self) -> list[nn.Module]:
-        """The transformer layers of V_e, V_d and C_d, in module order: each runs whole, at most once per training
-        forward with gradients, which is what lets ZeRO-3 gather each one's parameters in one go
-        (train/engine.py, `gather_by_layer`). T_e's layers are not among them: with the concept prefix on, T_e
-        runs twice with gradients in one forward (the caption, then the prefix)."""
-        towers = [self.vision, self.decoder] + ([self.mae] if self.mae is not None else [])
-        return [module for tower in towers for module in tower.modules() if isinstance(module, TRANSFORMER_LAYERS)]
+        """Every transformer layer of every tower, in module order. In a training forward each runs whole and at
+        most once with gradients (T_e takes caption and concept prefix in one call, `_caption_and_prefix`),
+        which is what lets ZeRO-3 gather each one's parameters in one go (train/engine.py, `gather_by_layer`).
+        Code that adds a second pass with gradients through a tower breaks that (DeepSpeed then fails an
+        assertion on duplicate gradients; tests/test_train_equivalence.py runs it)."""
+        return [module for module in self.modules() if isinstance(module, TRANSFORMER_LAYERS)]
 
     # ---------------------------------------------------------------------------------------- evaluation
 

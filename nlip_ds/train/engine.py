@@ -132,15 +132,14 @@ def check_engine_options(cfg: Config) -> None:
 
 
 def gather_by_layer(model: torch.nn.Module, ds_config: dict) -> int:
-    """Under ZeRO-3, mark each transformer layer of V_e, V_d and C_d a DeepSpeed leaf module: the layer's
-    parameters are gathered together when it starts and released when it ends, where DeepSpeed would otherwise
-    hook, gather and release every Linear and LayerNorm inside it. A layer runs whole anyway, so the peak of
-    gathered parameters stays about one layer; the hooks' Python work was most of ZeRO-3's overhead on the tiny
-    model (docs/performance.md, "Framework overhead").
+    """Under ZeRO-3, mark each transformer layer a DeepSpeed leaf module: the layer's parameters are gathered
+    together when it starts and released when it ends, where DeepSpeed would otherwise hook, gather and release
+    every Linear and LayerNorm inside it. A layer runs whole anyway, so the peak of gathered parameters stays
+    about one layer; the hooks' Python work was most of ZeRO-3's overhead on the tiny model (docs/performance.md,
+    "Framework overhead").
 
     DeepSpeed reduces a leaf's gradients when the leaf's backward ends, so a leaf must run at most once per
-    backward: `NLIPModel.single_pass_layers` leaves out T_e, which runs twice once the concept prefix is on (a
-    leaf T_e fails DeepSpeed's duplicate-gradient assertion there). An engine JSON with its own
+    backward, which `NLIPModel.single_pass_layers` promises. An engine JSON with its own
     zero_optimization.leaf_module section decides instead: `"leaf_module": {"classes": []}` hooks every
     submodule again. Returns the number of layers marked."""
     zero = ds_config.get("zero_optimization", {})
@@ -151,7 +150,7 @@ def gather_by_layer(model: torch.nn.Module, ds_config: dict) -> int:
     layers = model.single_pass_layers()
     for layer in layers:
         set_z3_leaf_module(layer, True)
-    logger.info("ZeRO-3 gathers parameters per transformer layer in V_e, V_d and C_d (%d layers)", len(layers))
+    logger.info("ZeRO-3 gathers parameters per transformer layer (%d layers)", len(layers))
     return len(layers)
 
 
