@@ -148,6 +148,9 @@ def worker(rank: int, world: int, port: int, args, out: dict) -> None:
     result = measure(world, rank, args.reps, args.steps, args.batch)
     if rank == 0:
         out[world] = result
+    from nlip_ds.distributed import leave_process_group
+
+    leave_process_group()  # left to exit-time destructors, gloo's threads can abort the rank (std::terminate)
 
 
 def main() -> None:

@@ -120,7 +120,9 @@ def _worker(rank: int, world: int, port: int, out: str, layout: bool) -> None:
     weights = {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save(weights, out)
-    torch.distributed.barrier()
+    from nlip_ds.distributed import leave_process_group
+
+    leave_process_group()  # left to exit-time destructors, gloo's threads can abort the rank (std::terminate)
 
 
 def _zero3_weights(tmp_path, world: int, layout: bool = True) -> dict:
