@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BUILTIN_LINEAR = F.linear
 
-from nlip_ds.distributed import free_port  # noqa: E402
+from nlip_ds.distributed import free_port, leave_process_group  # noqa: E402
 
 VOCAB, TOKENS = 256, 32
 VARIANTS = ("bare", "zero2", "zero2+noise", "zero3", "zero3+noise")
@@ -148,8 +148,6 @@ def worker(rank: int, world: int, port: int, args, out: dict) -> None:
     result = measure(world, rank, args.reps, args.steps, args.batch)
     if rank == 0:
         out[world] = result
-    from nlip_ds.distributed import leave_process_group
-
     leave_process_group()  # left to exit-time destructors, gloo's threads can abort the rank (std::terminate)
 
 

@@ -275,9 +275,7 @@ class Completer:
                 share /= D.get_world_size()
             metrics["completion/replaced"] = float(share)
             self._changed_share, self._steps = None, 0
-        recall = torch.tensor(self._recall, dtype=torch.float64, device=D.collective_device())
-        if D.get_world_size() > 1:
-            torch.distributed.all_reduce(recall)
+        recall = D.all_reduce_sum(torch.tensor(self._recall, dtype=torch.float64, device=D.collective_device()))
         if recall[1] > 0:
             metrics["completion/concept_recall"] = float(recall[0] / recall[1])
         self._recall = [0, 0]
