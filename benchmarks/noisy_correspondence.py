@@ -13,6 +13,9 @@ Each cell trains the tiny model at an equal budget (same data, config, epochs, g
     clip           the CLIP loss only (no noise estimator)
     harmonization  the noise estimator and noise-harmonization (the config's L_NITC form)
     nlip           harmonization and noise-completion: the full method
+    oracle         harmonization with perfect detection from the first step (`noise.oracle`: ε is the data's own
+                   noise label, `noise.warmup_epochs=0`): the ceiling of any detector at this budget. Not in the
+                   default grid, and not run at r = 0, where it is the CLIP loss
 
 and reads, on the clean test split: zero-shot top-1, the linear probe's top-1 (logistic regression on the
 learned image features of the training images with their true labels, scored on the test images), retrieval
@@ -55,7 +58,9 @@ VARIANTS = {
     "clip": ["noise.enabled=false", "completion.enabled=false"],
     "harmonization": ["noise.enabled=true", "completion.enabled=false"],
     "nlip": ["noise.enabled=true", "completion.enabled=true"],
+    "oracle": ["noise.enabled=true", "noise.oracle=true", "noise.warmup_epochs=0", "completion.enabled=false"],
 }
+DEFAULT_VARIANTS = ("clip", "harmonization", "nlip")
 METRICS = (("zeroshot_top1", "zero-shot top-1"), ("linear_probe_top1", "linear probe"), ("i2t_r1", "i2t R@1"),
            ("t2i_r1", "t2i R@1"), ("auc", "noise AUC"))
 DATASETS = {"digits": {"epochs": 12}, "synthetic": {"epochs": 10, "samples": 4000}}
@@ -90,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--levels", type=float, nargs="*", default=[0.0, 0.2, 0.5, 0.8], help="shuffle noise rates")
     p.add_argument("--incomplete-levels", type=float, nargs="*", default=[0.5], help="incomplete noise rates")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                   help=f"default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds at the --multi-seed-levels")
     p.add_argument("--multi-seed-levels", type=float, nargs="*", default=[0.0, 0.5],
                    help="levels that get --seeds seeds (the others get one)")
@@ -196,6 +202,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Run]:
         data = make_data(args, out, kind, level)
         seeds = args.seeds if level in args.multi_seed_levels else 1
         for variant in args.variants:
+            if variant == "oracle" and level == 0:
+                continue  # no noisy pair: ε is 0 throughout, the CLIP loss
             for seed in range(seeds):
                 folder = out / "runs" / f"{kind}{round(level * 100):02d}-{variant}-seed{seed}"
                 runs.append(Run(kind, level, variant, seed, folder, data))
@@ -259,6 +267,8 @@ def summary_lines(runs: list[Run], args: argparse.Namespace) -> list[str]:
     clip0, clip50 = (cell_values(runs, "shuffle", lvl, "clip", key) for lvl in (0.0, 0.5))
     for variant in [v for v in args.variants if v != "clip"]:
         own0, own50 = (cell_values(runs, "shuffle", lvl, variant, key) for lvl in (0.0, 0.5))
+        if variant == "oracle":
+            own0 = clip0  # with no noisy pair the oracle is the CLIP loss (not run at r = 0)
         if not (clip0 and clip50 and own0 and own50):
             continue
         lost = mean(clip0) - mean(clip50)
@@ -360,6 +370,8 @@ def report(runs: list[Run], args: argparse.Namespace, doc: Path, elapsed: float,
     for kind, level in cells:
         for variant in args.variants:
             group = [r for r in runs if (r.kind, r.level, r.variant) == (kind, level, variant)]
+            if not group:  # the oracle at r = 0
+                continue
             done = [r for r in group if not r.error]
             lines.append(f"| {kind} | {level:.0%} | {variant} | {len(done)}/{len(group)} | "
                          + " | ".join(fmt(cell_values(runs, kind, level, variant, k) or None) for k, _ in METRICS)

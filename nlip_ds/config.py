@@ -174,6 +174,10 @@ class NoiseConfig:
     tol: float = opt(1e-4, "EM stopping tolerance on the mean log-likelihood (1e-2, the method's, stops EM after "
                             "2 iterations on real loss shapes: docs/noise.md)", lo=0.0)
     max_iter: int = opt(100, "EM iterations at most", lo=1)
+    oracle: bool = opt(False, "benchmarks only: epsilon is the data's own noise label (1 for a pair whose shard "
+                       "metadata says incorrect or incomplete, 0 for clean) from epoch warmup_epochs on, instead "
+                       "of the mixture's: the accuracy perfect detection would give (docs/noise.md, \"Oracle\"); "
+                       "training stops at the first sample without a label")
     state: str = opt("replicated", "where the per-sample noise state lives: replicated (every rank holds every "
                      "sample's loss and epsilon) or sharded (each rank its 1/world slice, id mod world size; "
                      "docs/noise.md)", choices=("replicated", "sharded"))
@@ -333,6 +337,8 @@ def _check_consistency(cfg: Config) -> None:
                               f"{sub.width}")
     if cfg.model.mae.enabled and cfg.model.vision.mask_ratio <= 0:
         raise ConfigError("model.mae.enabled: the MAE decoder needs model.vision.mask_ratio > 0")
+    if cfg.noise.oracle and not cfg.noise.enabled:
+        raise ConfigError("noise.oracle: the oracle sets epsilon, which only a run with noise.enabled=true uses")
     c = cfg.completion
     if c.min_tokens > c.max_tokens:
         raise ConfigError(f"completion.min_tokens: {c.min_tokens} exceeds completion.max_tokens={c.max_tokens}")

@@ -255,3 +255,25 @@ def test_a_failing_fit_sets_epsilon_back_to_zero():
     refit = noise.start_epoch(2, 2)
     assert refit.metrics["noise/trusted"] == 0.0
     assert torch.equal(noise.weights(ids).epsilon, torch.zeros(200)) and not noise.estimate.fitted
+
+
+def test_the_oracle_sets_epsilon_from_the_noise_labels_after_the_warm_up():
+    """noise.oracle: ε is the batch's own flag (1 noisy, 0 clean) from epoch warmup_epochs on, whatever the fits
+    say; before it, 0. The fits still run and report their detection. A sample without a label stops training."""
+    ids = torch.arange(30)
+    flags = (ids % 3 == 0).long()
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=2, oracle=True, lambda_=0.5), contrastive_batch=8)
+    noise.start_epoch(0, 0)
+    assert torch.equal(noise.weights(ids, flags).epsilon, torch.zeros(30))
+    run_epoch(noise, 1, ids)
+    refits = run_epoch(noise, 2, ids, step=4)
+    assert refits and refits[0].metrics["noise/auc"] > 0.99  # the mixture is still fitted and measured
+    w = noise.weights(ids, flags)
+    assert torch.equal(w.epsilon, flags.float()) and torch.equal(w.omega, 0.5 * flags.float())
+    assert torch.equal(w.clean_prob, 1.0 - flags.float())
+    with pytest.raises(ValueError, match="noise.oracle needs every training sample's noise label"):
+        noise.weights(ids, torch.where(ids == 4, -1, flags))
+    with pytest.raises(ValueError, match="noise.oracle needs"):
+        noise.weights(ids)
+    with pytest.raises(ConfigError, match="noise.oracle: .* noise.enabled=true"):
+        load_config(None, ["noise.oracle=true", "noise.enabled=false"])

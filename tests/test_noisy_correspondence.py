@@ -25,14 +25,15 @@ def _bench(*args: str) -> str:
 def test_toy_benchmark_writes_its_section_and_resumes(tmp_path):
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nkept text\n")
-    args = ["--levels", "0.5", "--incomplete-levels", "--variants", "clip", "harmonization", "--seeds", "1",
+    args = ["--levels", "0.5", "--incomplete-levels", "--variants", "clip", "harmonization", "oracle", "--seeds", "1",
             "--multi-seed-levels", "--epochs", "2", "--jobs", "2", "--out", str(tmp_path / "nc"), "--doc", str(doc),
             "noise.warmup_epochs=1", "noise.trust_ratio=2.0"]
     out = _bench(*args)
     results = json.loads((tmp_path / "nc" / "results.json").read_text())
-    assert [(r["variant"], r["level"], r["error"]) for r in results] == [("clip", 0.5, ""), ("harmonization", 0.5, "")]
-    clip, harmonization = (r["metrics"] for r in results)
-    for metrics in (clip, harmonization):
+    assert [(r["variant"], r["level"], r["error"]) for r in results] == [("clip", 0.5, ""), ("harmonization", 0.5, ""),
+                                                                         ("oracle", 0.5, "")]
+    clip, harmonization, oracle = (r["metrics"] for r in results)
+    for metrics in (clip, harmonization, oracle):
         assert {"zeroshot_top1", "linear_probe_top1", "i2t_r1", "t2i_r1"} <= metrics.keys()
         assert 0.0 <= metrics["zeroshot_top1"] <= 1.0
     assert "auc" in harmonization and "auc" not in clip
@@ -40,10 +41,11 @@ def test_toy_benchmark_writes_its_section_and_resumes(tmp_path):
     assert text.startswith("# Results\n\nkept text\n")
     assert "<!-- noisy-correspondence:digits -->" in text and "| shuffle | 50% | harmonization | 1/1 |" in text
     assert "raw pixels" in text and (tmp_path / "results" / "noisy_correspondence_digits.png").is_file()
-    assert "2 runs" in out
+    assert "| shuffle | 50% | oracle | 1/1 |" in text and "auc" in oracle  # the fits still run beside the oracle
+    assert "3 runs" in out
 
-    out = _bench(*args)  # a second call reuses both finished runs and replaces the section
-    assert out.count(", reused)") == 2
+    out = _bench(*args)  # a second call reuses the finished runs and replaces the section
+    assert out.count(", reused)") == 3
     assert doc.read_text().count("<!-- noisy-correspondence:digits -->") == 1
 
     _bench(*args, "--section", "digits-toy")  # a second report beside the first, with its own plot

@@ -3,7 +3,7 @@
 It owns the cluster-wide loss bank (bank.py), ε per sample id from the last fit (`NoiseState`, harmonize.py),
 the refit schedule, ω = λ·ε and the form of L_NITC (forms.py). The train loop and the task call it here:
 
-    w = noise.weights(ids)                      # before the step: ε, ω = λ·ε, clean probability 1 - ε
+    w = noise.weights(ids, flags)               # before the step: ε, ω = λ·ε, clean probability 1 - ε
     loss, l = noise.nitc_loss(..., w.omega)     # in the task's forward: L_NITC in the configured form
     noise.observe(ids, l, flags)                # after the step: one all-gather of (id, loss, flag) rows
     refit = noise.refit_if_due(epoch, step)     # after the step (streaming) / noise.start_epoch(...) (epochs)
@@ -127,17 +127,31 @@ class NoiseEstimator:
         self.partition = partition or (IdPartition.of_process_group() if sharded else IdPartition())
         self.bank = LossBank(partition=self.partition)  # grows (dense or compact) as ids arrive
         self.estimate = NoiseState()  # the last fit and ε per sample id
+        self.epoch = 0  # the current one, from `start_epoch`
         self.last_refit_epoch = -1
         self.samples_since_refit = 0
         self.history: list[dict] = []  # {"epoch", "step", noise/* metrics} per refit
 
     # ------------------------------------------------------------------------------- every step
 
-    def weights(self, sample_ids: torch.Tensor) -> NoiseWeights:
+    def weights(self, sample_ids: torch.Tensor, flags: Optional[torch.Tensor] = None) -> NoiseWeights:
         """(n,) ids -> ε, ω = λ·ε and 1 - ε on the ids' device (one lookup, no host sync). With a sharded
-        state, collective on every rank once a fit exists (every rank passes the same n)."""
-        eps = self._epsilon(sample_ids)
+        state, collective on every rank once a fit exists (every rank passes the same n). flags (n,): the
+        batch's ground truth as `observe` takes it, read only by noise.oracle."""
+        eps = self._oracle_epsilon(sample_ids, flags) if self.cfg.oracle else self._epsilon(sample_ids)
         return NoiseWeights(eps, self.cfg.lambda_ * eps, 1.0 - eps)
+
+    def _oracle_epsilon(self, sample_ids: torch.Tensor, flags: Optional[torch.Tensor]) -> torch.Tensor:
+        """noise.oracle: ε is the data's own label, 1 noisy and 0 clean, from epoch noise.warmup_epochs on; the
+        fits still run and are logged, but set nothing. What perfect detection would give at the same budget
+        (docs/noise.md, "Oracle"). One host sync per step, to refuse a sample without a label."""
+        if flags is None or bool((flags < 0).any()):
+            raise ValueError("noise.oracle needs every training sample's noise label (its shard metadata's "
+                             "noise_type, as `nlip-ds data synth` and `nlip-ds data digits` write it); this batch "
+                             "has samples without one")
+        if self.epoch < self.cfg.warmup_epochs:
+            return torch.zeros(sample_ids.shape, dtype=torch.float32, device=sample_ids.device)
+        return flags.to(device=sample_ids.device, dtype=torch.float32)
 
     def _epsilon(self, sample_ids: torch.Tensor) -> torch.Tensor:
         if self.partition.replicated or not self.estimate.fitted:  # `fitted` flips on every rank at once
@@ -177,6 +191,7 @@ class NoiseEstimator:
     def start_epoch(self, epoch: int, step: int) -> Optional[Refit]:
         """At the start of every epoch (a resumed one too): the bank's round and, when the schedule says so,
         a refit. Returns the refit, or None."""
+        self.epoch = epoch
         due = self.schedule.at_epoch_start(self, epoch)
         return self._refit(epoch, step) if due and self.cfg.enabled else None
 

@@ -117,8 +117,8 @@ def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAc
                guard: NonFiniteGuard) -> None:
     device = engine.device
     batch = to_device(batch, device)
-    ids = batch["sample_id"]
-    weights = state.noise.weights(ids)  # (n,) each; epsilon is zero until the first fit
+    ids, flags = batch["sample_id"], noise_flags(batch["noise_type"])
+    weights = state.noise.weights(ids, flags)  # (n,) each; epsilon is zero until the first fit
     omega = weights.omega
     if state.completion is not None:  # concept prefix, synthetic captions (lockstep on every rank)
         batch, omega = state.completion.prepare(engine.module.model, state, batch, weights.epsilon, omega)
@@ -127,7 +127,7 @@ def train_step(engine, cfg: Config, state: RunState, batch: dict, acc: "MetricAc
     engine.backward(loss)
     optimizer_steps, skipped_steps = engine.global_steps, engine.skipped_steps
     engine.step()
-    state.noise.observe(ids, terms["per_sample_loss"], flags=noise_flags(batch["noise_type"]))
+    state.noise.observe(ids, terms["per_sample_loss"], flags=flags)
     state.step += 1
     acc.add({k: terms[k] for k in LOGGED_TERMS if k in terms}, finite)
     if engine.global_steps != optimizer_steps:  # an accumulation boundary: the optimizer stepped or skipped
