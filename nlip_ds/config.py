@@ -47,6 +47,9 @@ class VisionConfig:
     mask_ratio: float = opt(0.0, "fraction of patches dropped before the blocks in training (0 disables)",
                             lo=0.0, hi=0.95)
     pretrained_path: Optional[str] = opt(None, "local timm weights (.safetensors or .pth, loaded weights-only)")
+    pos_embed_std: Optional[float] = opt(None, "standard deviation of the position embedding at init (unset: the "
+                                         "layout's, width^-0.5 for clip); larger makes where a patch lies as "
+                                         "visible as what it shows from the first step (docs/model.md)", lo=0.0)
     layout: str = opt("clip", "clip: CLIP's ViT (LayerNorm before the blocks, no patch-embedding bias, QuickGELU), "
                       "exportable to transformers and open_clip (docs/export.md); timm: the timm model's own "
                       "layout (for vit_custom: GELU, patch bias, no pre-norm), as runs before this option",

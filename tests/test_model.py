@@ -428,6 +428,24 @@ def test_image_embeddings_differ_between_images_at_init(layout):
     assert cosine.mean() < 0.98, layout  # 0.9999 for the CLIP layout under timm's init
 
 
+@pytest.mark.parametrize("layout", ["clip", "timm"])
+def test_pos_embed_std_sets_the_position_embedding_scale_at_init(layout):
+    """model.vision.pos_embed_std draws the position embedding at that scale after the layout's init, and leaves
+    every other parameter as the layout's init made it (same seed); unset, the layout's own scale stays."""
+    def encoder(std):
+        torch.manual_seed(0)
+        enc = ImageEncoder(VisionConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2, layout=layout,
+                                        pos_embed_std=std))
+        enc.init_weights()
+        return enc
+
+    default, wide = encoder(None), encoder(1.0)
+    assert 0.9 < wide.vit.pos_embed.std().item() < 1.1  # 17 x 64 draws
+    assert default.vit.pos_embed.std().item() < 0.2  # CLIP's 64^-0.5 = 0.125, timm's 0.02
+    others = {k: v for k, v in default.state_dict().items() if k != "vit.pos_embed"}
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in others.items())
+
+
 def test_init_weights_refuses_partitioned_parameters():
     model = build()
     model.text_proj.weight.data = torch.empty(0)  # what DeepSpeed's zero.Init leaves outside a gather

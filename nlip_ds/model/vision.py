@@ -173,15 +173,19 @@ class ImageEncoder(nn.Module):
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.pretrained_path = cfg.pretrained_path
         self.layout = cfg.layout
+        self.pos_embed_std = cfg.pos_embed_std
 
     @torch.no_grad()
     def init_weights(self, load_pretrained: bool = True) -> None:
-        """timm's default ViT init (class token, position embedding, truncated-normal Linear layers), then the
+        """timm's default ViT init (class token, position embedding, truncated-normal Linear layers), CLIP's
+        scales for the clip layout, the position embedding at model.vision.pos_embed_std when set, then the
         local weights of model.vision.pretrained_path when set."""
         self.vit.weight_init_mode = ""  # "skip" at construction left "reset"; "" selects timm's default init
         self.vit.init_weights()
         if self.layout == "clip":
             clip_init(self.vit)
+        if self.pos_embed_std is not None:
+            nn.init.normal_(self.vit.pos_embed, std=self.pos_embed_std)
         if self.pretrained_path and load_pretrained:
             load_timm_weights(self.vit, self.pretrained_path)
 
