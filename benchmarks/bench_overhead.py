@@ -6,7 +6,11 @@ entropy both ways) plus the caption loss, backward, AdamW step. The nlip-ds step
 lookup, loss bank update) and off. Every variant runs on the same random in-memory batches (no loader), the
 variants take turns rep by rep (a change in machine load hits all of them), and each figure is the median rep.
 
-    python benchmarks/bench_overhead.py [--world 1 2] [--reps 5] [--steps 10] [--batch 32]
+    python benchmarks/bench_overhead.py [--world 1 2] [--reps 5] [--steps 10] [--batch 32] [section.key=value ...]
+
+Overrides apply to configs/tiny-cpu.yaml for every variant, e.g. `model.vision.width=256 model.text.width=256
+model.decoder.width=256` for a wider model (the per-module cost of ZeRO-3's hooks is fixed, so its share of a
+step falls as layers grow).
 
 At world size 2 each rank runs the bare loop on its own micro-batch (no communication, the same compute per
 rank) beside the 2-rank nlip-ds step; torch threads per rank = cores / ranks. Prints samples/s (global) and the
@@ -41,11 +45,14 @@ VOCAB, TOKENS = 256, 32
 VARIANTS = ("bare", "zero2", "zero2+noise", "zero3", "zero3+noise")
 
 
+OVERRIDES: list[str] = []  # section.key=value from the command line, for every variant (set in `worker`)
+
+
 def config(zero: str, noise: bool, batch: int):
     from nlip_ds.config import load_config
 
     os.chdir(ROOT)
-    return load_config("configs/tiny-cpu.yaml", [f"deepspeed.config=ds_configs/{zero}.json",
+    return load_config("configs/tiny-cpu.yaml", [*OVERRIDES, f"deepspeed.config=ds_configs/{zero}.json",
                                                  f"noise.enabled={str(noise).lower()}", f"train.micro_batch_size={batch}",
                                                  "monitor.tensorboard=false", "optim.warmup_steps=0"])
 
@@ -142,6 +149,7 @@ def worker(rank: int, world: int, port: int, args, out: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    OVERRIDES[:] = args.overrides
     from nlip_ds.train import engine as E
 
     E.init_distributed(config("zero3", False, args.batch))
@@ -157,11 +165,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed reps per variant (median kept)")
     parser.add_argument("--steps", type=int, default=10, help="steps per rep")
     parser.add_argument("--batch", type=int, default=32, help="micro-batch per rank")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides for every variant (the tiny config's model, for instance)")
     args = parser.parse_args()
+    from nlip_ds.config import ConfigError
+
+    OVERRIDES[:] = args.overrides
+    try:
+        config("zero3", False, args.batch)  # refuse a bad override before any process starts
+    except ConfigError as exc:
+        parser.error(str(exc))
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
-    print(f"tiny config, micro-batch {args.batch}, {args.steps} steps x {args.reps} reps, {os.cpu_count()} cores, "
-          f"load average {load} at start")
+    model = f" with {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"tiny config{model}, micro-batch {args.batch}, {args.steps} steps x {args.reps} reps, "
+          f"{os.cpu_count()} cores, load average {load} at start")
     results = mp.Manager().dict()
     for world in args.world:
         mp.spawn(worker, args=(world, free_port(), args, results), nprocs=world, join=True)
