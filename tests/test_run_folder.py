@@ -138,7 +138,7 @@ CHANGES = {  # one valid new value for every model.* key
     "model.vision.name": None, "model.vision.image_size": 48, "model.vision.patch_size": 16,
     "model.vision.width": 96, "model.vision.depth": 3, "model.vision.heads": 4, "model.vision.mlp_ratio": 2.0,
     "model.vision.mask_ratio": 0.25, "model.vision.pretrained_path": "/nowhere/vit.safetensors",
-    "model.vision.layout": "timm",
+    "model.vision.layout": "timm", "model.vision.pos_embed_std": 0.5,
     "model.text.width": 96, "model.text.depth": 3, "model.text.heads": 4, "model.text.context_length": 48,
     "model.text.concept_dropout": 0.2, "model.text.prefix_in_embedding": True, "model.text.concept_grad": False,
     "model.decoder.width": 96, "model.decoder.depth": 3, "model.decoder.heads": 4, "model.decoder.max_length": 48,
