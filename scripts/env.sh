@@ -27,6 +27,14 @@ fi
 want="$(stamp_of)"
 if [ "$(cat "$VENV/.nlip-ds-stamp" 2>/dev/null)" != "$want" ]; then
   echo "[nlip-ds] installing nlip-ds and its dependencies into $VENV (first run: several minutes)" >&2
+  # torch's CUDA build and its libraries take about 6 GiB installed, and pip holds their wheels (3.4 GiB) until
+  # the install ends; no pip cache, so they are not kept twice. Too little disk fails the install with pip's
+  # "No space left on device": say how much there is first.
+  export PIP_NO_CACHE_DIR=1
+  free_gib="$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')"
+  if [ "${free_gib:-0}" -lt 10 ]; then
+    echo "[nlip-ds] warning: $free_gib GiB free under $(dirname "$VENV"); the first install needs about 10 GiB" >&2
+  fi
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel ninja
   # torch first: the extension build below compiles against it. torch===2.13.0 (three '=') takes the
   # registry's standard build even where pip is pointed at a local CPU-only wheel of the same version.
