@@ -1,5 +1,5 @@
-"""Names that the config, the command line and the code all spell: evaluation tasks, decoding strategies and
-precisions.
+"""Names that the config, the command line and the code all spell: evaluation tasks, decoding strategies,
+precisions and the noise mixture's options.
 
 Defined once here, free of torch, timm and transformers, so that config.py and the argument parsers can import
 them cheaply. The code that implements each name imports it from here too: eval/tasks.py checks that its task
@@ -25,3 +25,7 @@ EVAL_STRATEGIES = ("greedy", "beam")
 
 # Weight and activation dtypes: train.precision and the --precision of eval, caption and audit (fp16 needs GPUs).
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+# The noise mixture (noise/gmm.py): where EM's first hard split lies, and how a fit turns into ε per pair.
+GMM_INITS = ("midrange", "median")
+GMM_EPSILONS = ("posterior", "rank")

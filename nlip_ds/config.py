@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS, PRECISIONS, STRATEGIES
+from nlip_ds.choices import EVAL_STRATEGIES, EVAL_TASKS, GMM_EPSILONS, GMM_INITS, PRECISIONS, STRATEGIES
 from nlip_ds.noise.forms import NITC_FORMS
 
 
@@ -177,6 +177,12 @@ class NoiseConfig:
     tol: float = opt(1e-4, "EM stopping tolerance on the mean log-likelihood (1e-2, the method's, stops EM after "
                             "2 iterations on real loss shapes: docs/noise.md)", lo=0.0)
     max_iter: int = opt(100, "EM iterations at most", lo=1)
+    em_init: str = opt("midrange", "EM's first split of the losses: midrange (the middle of their robust range) or "
+                       "median (a long tail of high losses then cannot leave the noisy component only the tail; "
+                       "docs/noise.md, \"Rank assignment\")", choices=GMM_INITS)
+    epsilon: str = opt("posterior", "how a fit sets epsilon: posterior (the mixture's posterior of the noisy "
+                       "component) or rank (1 for the pairs with the mixture's noise rate x N highest losses, 0 for "
+                       "the rest; docs/noise.md, \"Rank assignment\")", choices=GMM_EPSILONS)
     oracle: bool = opt(False, "benchmarks only: epsilon is the data's own noise label (1 for a pair whose shard "
                        "metadata says incorrect or incomplete, 0 for clean) from epoch warmup_epochs on, instead "
                        "of the mixture's: the accuracy perfect detection would give (docs/noise.md, \"Oracle\"); "

@@ -133,3 +133,22 @@ def test_gloo_ranks_fit_the_concatenated_losses(tmp_path, world):
     np.testing.assert_allclose(got[0]["params"].numpy(), ref.state_dict()["params"].numpy(), rtol=1e-12)
     posterior = joined([g["posterior"] for g in got], world, losses.numel())
     assert (posterior - ref.posterior).abs().max() < TOL
+
+
+@pytest.mark.parametrize("init,epsilon", [("median", "posterior"), ("midrange", "rank"), ("median", "rank")])
+@pytest.mark.parametrize("world", [1, 3])
+def test_median_start_and_rank_epsilon_follow_fit_gmm(init, epsilon, world):
+    """The median and the rank threshold come from the same exact radix select as the bounds: one shard is
+    fit_gmm bit for bit, any partition gives the same mixture within rounding and, under rank, the same ε."""
+    losses = CASES["noise30"]
+    ref = fit_gmm(losses, tol=1e-4, init=init, epsilon=epsilon)
+    got = fit_gmm_sharded(split(losses, world), tol=1e-4, init=init, epsilon=epsilon)
+    eps = joined(got.posteriors, world, losses.numel())
+    assert got.fit.bounds == ref.bounds and got.fit.n_iter == ref.n_iter
+    if world == 1:
+        assert (got.fit.means, got.fit.variances, got.fit.weights) == (ref.means, ref.variances, ref.weights)
+        assert torch.equal(eps, ref.posterior)
+    elif epsilon == "rank":
+        assert torch.equal(eps, ref.posterior)
+    else:
+        assert (eps - ref.posterior).abs().max() < TOL

@@ -13,6 +13,7 @@ from nlip_ds.config import ConfigError, NoiseConfig, load_config
 from nlip_ds.noise.estimator import EpochSchedule, NoiseEstimator, SampleSchedule
 from nlip_ds.noise.forms import NITC_FORMS, nitc_form
 from nlip_ds.noise.harmonize import penalty_term
+from nlip_ds.noise.metrics import detection_auc
 from nlip_ds.ops import contrastive, fused_contrastive_loss_ref
 
 CHECKPOINT_KEYS = {"bank", "noise", "last_refit_epoch", "samples_since_refit", "history"}
@@ -255,6 +256,28 @@ def test_a_failing_fit_sets_epsilon_back_to_zero():
     refit = noise.start_epoch(2, 2)
     assert refit.metrics["noise/trusted"] == 0.0
     assert torch.equal(noise.weights(ids).epsilon, torch.zeros(200)) and not noise.estimate.fitted
+
+
+def test_rank_epsilon_is_one_for_the_highest_losses_and_the_auc_ranks_by_loss():
+    """noise.epsilon=rank: ε is 1 for the fit's noise rate x N highest losses and 0 for the rest; the detection AUC
+    is the losses' (a 0/1 ε would rank every pair inside a group alike)."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.arange(200)
+    flags = (ids % 2).to(torch.int8)
+    losses = torch.where(ids % 2 == 1, math.log(32) + 0.5, 1.0) + 0.6 * torch.randn(200, generator=gen)
+    noise = NoiseEstimator(NoiseConfig(warmup_epochs=1, epsilon="rank", em_init="median"), contrastive_batch=32)
+    refit = _refit_on(noise, losses)
+    assert refit.metrics["noise/trusted"] == 1.0
+    eps = noise.weights(ids).epsilon
+    assert set(eps.unique().tolist()) == {0.0, 1.0}
+    assert abs(float(eps.sum()) - refit.fit.noise_rate * 200) <= 1
+    assert losses[eps == 1].min() > losses[eps == 0].max()
+    assert refit.metrics["noise/auc"] == pytest.approx(detection_auc(losses, flags))
+    assert refit.metrics["noise/mean_eps"] == pytest.approx(float(eps.mean()))
+    with pytest.raises(ConfigError, match="noise.epsilon"):
+        load_config(None, ["noise.epsilon=hard"])
+    with pytest.raises(ConfigError, match="noise.em_init"):
+        load_config(None, ["noise.em_init=mean"])
 
 
 def test_the_oracle_sets_epsilon_from_the_noise_labels_after_the_warm_up():

@@ -217,7 +217,7 @@ class NoiseEstimator:
             logger.info("noise refit at epoch %d not used: %s; epsilon is 0 (the CLIP loss) until a fit passes",
                         epoch, reason)
         trusted = reason is None
-        metrics = self._summary(fit, flags)  # detection metrics over the samples with ground truth
+        metrics = self._summary(fit, losses, flags)  # detection metrics over the samples with ground truth
         metrics["noise/samples"] = float(total)
         metrics["noise/trusted"] = float(trusted)
         self.history.append({"epoch": epoch, "step": step, **metrics})
@@ -262,20 +262,22 @@ class NoiseEstimator:
     def _fit(self, losses: torch.Tensor) -> GMMFit:
         """The mixture of the window's losses (this rank's shard of them when sharded), with ε per loss."""
         n = self.cfg
+        options = dict(reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter, init=n.em_init, epsilon=n.epsilon)
         if self.partition.replicated:
-            return fit_gmm(losses, reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter)
-        sharded = fit_gmm_sharded([losses], reg_covar=n.reg_covar, tol=n.tol, max_iter=n.max_iter,
-                                  device=collective_device())
+            return fit_gmm(losses, **options)
+        sharded = fit_gmm_sharded([losses], device=collective_device(), **options)
         return replace(sharded.fit, posterior=sharded.posteriors[0])
 
-    def _summary(self, fit: GMMFit, flags: torch.Tensor) -> dict:
-        """fit_summary over every rank's samples: a sharded state gathers the (ε, flag) of the samples with
-        ground truth (benchmark data only; 16 bytes each) and reduces the mean ε."""
+    def _summary(self, fit: GMMFit, losses: torch.Tensor, flags: torch.Tensor) -> dict:
+        """fit_summary over every rank's samples: a sharded state gathers the (ε, loss, flag) of the samples with
+        ground truth (benchmark data only; 24 bytes each) and reduces the mean ε. The AUC ranks by ε, or by the
+        loss under noise.epsilon=rank (whose ε is 0 or 1: the ranking it thresholds is the loss's)."""
+        by_loss = self.cfg.epsilon == "rank"
         if self.partition.replicated:
-            return fit_summary(fit, fit.posterior, flags)
+            return fit_summary(fit, fit.posterior, flags, scores=losses if by_loss else None)
         known = flags >= 0
-        eps, labels = _gather_rows(fit.posterior[known], flags[known])
-        metrics = fit_summary(fit, eps, labels)
+        eps, scores, labels = _gather_rows(fit.posterior[known], losses[known], flags[known])
+        metrics = fit_summary(fit, eps, labels, scores=scores if by_loss else None)
         device = collective_device()
         sums = all_reduce_sum(torch.tensor([float(fit.posterior.sum()), fit.posterior.numel()],
                                            dtype=torch.float64, device=device)).tolist()
@@ -351,12 +353,15 @@ def owned_epsilon(state: NoiseState, partition: IdPartition, ids: torch.Tensor) 
     return out
 
 
-def _gather_rows(eps: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's (k_r,) ε and flags, concatenated in rank order (k_r may differ: padded to the largest)."""
+def _gather_rows(eps: torch.Tensor, losses: torch.Tensor, flags: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (k_r,) ε, losses and flags, concatenated in rank order (k_r may differ: padded to the
+    largest)."""
     device = collective_device()
     longest = all_reduce_max(eps.numel(), device)
-    rows = torch.full((longest, 2), -1.0, dtype=torch.float64, device=device)
-    rows[:eps.numel(), 0], rows[:eps.numel(), 1] = eps.to(device), flags.to(device)
+    rows = torch.full((longest, 3), -1.0, dtype=torch.float64, device=device)
+    k = eps.numel()
+    rows[:k, 0], rows[:k, 1], rows[:k, 2] = eps.to(device), losses.to(device), flags.to(device)
     everyone = all_gather_tensor(rows).cpu()
-    everyone = everyone[everyone[:, 1] >= 0]
-    return everyone[:, 0], everyone[:, 1].to(torch.int8)
+    everyone = everyone[everyone[:, 2] >= 0]
+    return everyone[:, 0], everyone[:, 1], everyone[:, 2].to(torch.int8)

@@ -17,14 +17,21 @@ The estimator (docs/method.md, "Noise estimator"), step by step:
    inverted-CDF definition (numpy's `method="inverted_cdf"`: an order statistic, no interpolation), and a loss l
    maps to clip((l - lo) / (hi - lo), 0, 1). If lo == hi (over 99% tied losses) the full min/max range is used;
    if min == max too (all losses equal) the fit is degenerate: one component, noise rate 0, posterior 0.
-3. Initialization: one M-step on the hard split of the normalized losses at 0.5, the midpoint of the robust
-   range (component 0 below, component 1 at or above). Both sides are non-empty because 0 and 1 are attained.
+3. Initialization: one M-step on a hard split of the normalized losses (component 0 below, component 1 at or
+   above the split point). `init="midrange"` splits at 0.5, the midpoint of the robust range: both sides are
+   non-empty because 0 and 1 are attained. `init="median"` splits at the losses' median (the inverted-CDF 0.5
+   quantile, normalized). The two start EM in different basins when a long tail stretches the range: on the
+   digits at 50% shuffled captions the midrange start mostly ends with a noisy component on the tail (rate
+   0.10-0.43) and the median start with one that holds the pairs near the chance loss too (rate 0.25-0.45, the
+   truth 0.5), at about the same likelihood (docs/noise.md, "Rank assignment").
 4. EM as scikit-learn's GaussianMixture(covariance_type="full") does it in 1-D: reg_covar added to each
    variance, stop after the first iteration whose mean log-likelihood changed by less than `tol` (or after
    `max_iter`), then one last E-step under the final parameters gives the posterior.
-5. Component 1 is the high-mean one (swapped if EM crossed them): its posterior is ε, its weight the noise rate.
-   ε is made non-decreasing in the loss (`_epsilon_into`): a Gaussian's tail must not call the highest losses
-   clean.
+5. Component 1 is the high-mean one (swapped if EM crossed them): its weight is the noise rate ρ. With
+   `epsilon="posterior"` its posterior is ε, made non-decreasing in the loss (`_epsilon_into`): a Gaussian's
+   tail must not call the highest losses clean. With `epsilon="rank"` ε is 1 for the losses above the
+   inverted-CDF (1 - ρ) quantile and 0 for the rest: the ρ·N highest losses are called noisy, whatever the
+   components' shapes say about each one.
 
 Speed: the log posterior odds of component 1 are a quadratic a·x² + b·x + c in the normalized loss x, so an
 E-step is a few in-place passes (the quadratic, a sigmoid, a logaddexp) and an M-step three fixed-order sums.
@@ -36,6 +43,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from nlip_ds.choices import GMM_EPSILONS as EPSILONS, GMM_INITS as INITS  # steps 3 and 5 below
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +179,10 @@ def _params_from_sums(n: int, sum_x: float, sum_xx: float, n1_raw: float, s1: fl
     return _Params(means, variances, weights)
 
 
-def _run_em(data: _Data, reg_covar: float, tol: float, max_iter: int) -> tuple[_Params, int, bool]:
-    """EM from the hard split at 0.5; returns the final parameters, the iteration count and convergence."""
-    data.resp.copy_(data.x >= 0.5)
+def _run_em(data: _Data, split: float, reg_covar: float, tol: float, max_iter: int) -> tuple[_Params, int, bool]:
+    """EM from the hard split at `split` (normalized); returns the final parameters, the iteration count and
+    convergence."""
+    data.resp.copy_(data.x >= split)
     params = _m_step(data, reg_covar)
     previous = -math.inf
     for n_iter in range(1, max_iter + 1):
@@ -210,8 +220,19 @@ def _kth_smallest(values: torch.Tensor, k: int) -> float:
 
 def _order_statistic(values: torch.Tensor, q: float) -> float:
     """The q-quantile under the inverted-CDF definition: the ceil(q·n)-th smallest value (at least the 1st)."""
-    n = values.numel()
-    return _kth_smallest(values, min(max(math.ceil(q * n), 1), n))
+    return _kth_smallest(values, quantile_rank(q, values.numel()))
+
+
+def quantile_rank(q: float, n: int) -> int:
+    """The 1-based rank of the inverted-CDF q-quantile among n values: ceil(q·n), at least 1."""
+    return min(max(math.ceil(q * n), 1), n)
+
+
+def split_point(init: str, median: float | None, bounds: Pair) -> float:
+    """EM's first split on the normalized scale: 0.5 (midrange) or the normalized raw `median` (median)."""
+    if init == "midrange":
+        return 0.5
+    return float(_normalize(torch.tensor([median], dtype=torch.float64), bounds)[0])
 
 
 def _robust_bounds(values: torch.Tensor, clip_quantiles: Pair) -> Pair:
@@ -296,7 +317,11 @@ def _degenerate_fit(value: float, n: int, n_dropped: int, reg_covar: float) -> G
                   -0.5 * (_LOG_2PI + math.log(reg_covar)), n, n_dropped)
 
 
-def _check_args(losses: torch.Tensor, reg_covar: float, tol: float, max_iter: int, clip_quantiles: Pair) -> None:
+def _check_args(losses: torch.Tensor, reg_covar: float, tol: float, max_iter: int, clip_quantiles: Pair,
+                init: str = "midrange", epsilon: str = "posterior") -> None:
+    if init not in INITS or epsilon not in EPSILONS:
+        raise ValueError(f"fit_gmm: init must be one of {INITS} and epsilon one of {EPSILONS}, got {init!r} and "
+                         f"{epsilon!r}")
     if not losses.is_floating_point():
         raise ValueError(f"fit_gmm: losses must be a floating-point tensor, got {losses.dtype}")
     if losses.numel() == 0:
@@ -330,15 +355,16 @@ def _full_posterior(resp: torch.Tensor, finite: torch.Tensor | None, prior: floa
 
 
 def fit_gmm(losses: torch.Tensor, *, reg_covar: float = 5e-4, tol: float = 1e-2, max_iter: int = 100,
-            clip_quantiles: Pair = (0.005, 0.995)) -> GMMFit:
-    """Fit NLIP's two-component mixture to per-sample losses (N,) and return it with ε per loss.
+            clip_quantiles: Pair = (0.005, 0.995), init: str = "midrange", epsilon: str = "posterior") -> GMMFit:
+    """Fit NLIP's two-component mixture to per-sample losses (N,) and return it with ε per loss (init and
+    epsilon: steps 3 and 5 of the module docstring).
 
     Deterministic: the same losses in the same order give the same fit, bit for bit, on every call and in
     every process with the same torch thread count; across thread counts the result differs by at most a few
     ulps (module docstring). The caller passes losses ordered by sample id (LossBank.losses_since does).
     """
     raw = torch.as_tensor(losses).detach().reshape(-1).cpu()
-    _check_args(raw, reg_covar, tol, max_iter, clip_quantiles)
+    _check_args(raw, reg_covar, tol, max_iter, clip_quantiles, init, epsilon)
     values, finite = _finite_part(raw)
     n_dropped = raw.numel() - values.numel()
     bounds = _robust_bounds(values, clip_quantiles)
@@ -346,10 +372,15 @@ def fit_gmm(losses: torch.Tensor, *, reg_covar: float = 5e-4, tol: float = 1e-2,
         fit = _degenerate_fit(bounds[0], values.numel(), n_dropped, reg_covar)
         return _with_posterior(fit, torch.zeros(values.numel(), dtype=torch.float64), finite)
     data = _Data.build(_normalize(values, bounds))
-    params, n_iter, converged = _run_em(data, reg_covar, tol, max_iter)
+    median = _order_statistic(values, 0.5) if init == "median" else None
+    params, n_iter, converged = _run_em(data, split_point(init, median, bounds), reg_covar, tol, max_iter)
     params = params.ordered()
     log_likelihood = _e_step(data, params)
-    _epsilon_into(data.x, params, data.z, data.resp)
+    if epsilon == "rank":
+        threshold = _order_statistic(values, 1.0 - params.weights[1])
+        data.resp.copy_(values > threshold)
+    else:
+        _epsilon_into(data.x, params, data.z, data.resp)
     if not converged:
         logger.warning("fit_gmm: EM did not converge in %d iterations (tol %g)", max_iter, tol)
     fit = GMMFit(params.means, params.variances, params.weights, bounds, n_iter, converged, log_likelihood,

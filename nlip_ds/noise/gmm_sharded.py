@@ -10,6 +10,8 @@ shards and every rank gets the same mixture; each keeps the posterior of its own
   loss, a histogram of the next 16 bits of the keys in that bin names the next, and so on: two levels pin a
   float32 loss (four a float64), exactly, whatever the partition. A value histogram over [min, max] could only
   bracket a quantile; the bit-pattern bins make the last level a single value.
+- EM starts from fit_gmm's split (`init`; the median by the same radix select) and, with `epsilon="rank"`,
+  ends with fit_gmm's threshold, the (1 - ρ) quantile, selected the same way.
 - EM: per iteration one pass over each shard yields the sufficient statistics (softplus sum of the
   log-likelihood, responsibility sums Σr, Σr·x, Σr·x²; the data moments Σx, Σx² once), each summed in fit_gmm's
   fixed order; the shards' partial sums are combined with math.fsum, which rounds exactly, so their order and
@@ -36,7 +38,7 @@ import torch
 from nlip_ds.distributed import all_gather_tensor, all_reduce_sum, get_world_size
 from nlip_ds.noise.gmm import (GMMFit, Pair, _check_args, _Data, _degenerate_fit, _epsilon_into, _fixed_order_sum,
                                _mean_log_likelihood, _normalize, _Params, _params_from_sums, _posterior_into,
-                               _responsibility_sums)
+                               _responsibility_sums, quantile_rank, split_point)
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +136,7 @@ def _select_keys(shards: list[torch.Tensor], ranks: list[int], reducer: _Reducer
 
 def _robust_bounds(shards: list[torch.Tensor], n: int, clip_quantiles: Pair, reducer: _Reducer) -> Pair:
     """fit_gmm's bounds: the inverted-CDF quantiles over all shards (min/max when they tie)."""
-    ranks = [min(max(math.ceil(q * n), 1), n) for q in clip_quantiles]
-    lo, hi = _select_keys(shards, ranks, reducer)
+    lo, hi = _select_keys(shards, [quantile_rank(q, n) for q in clip_quantiles], reducer)
     if hi > lo:
         return lo, hi
     extremes = [(float(v.min()), float(v.max())) if v.numel() else (math.inf, -math.inf) for v in shards]
@@ -180,8 +181,8 @@ class _Shard:
 class _ShardedEM:
     """EM over shards; every statistic is a sum of per-shard fixed-order sums, combined by the reducer."""
 
-    def __init__(self, shards: list[_Shard], bounds: Pair, keep_buffers: bool, reducer: _Reducer):
-        self.shards, self.bounds, self.reducer = shards, bounds, reducer
+    def __init__(self, shards: list[_Shard], bounds: Pair, split: float, keep_buffers: bool, reducer: _Reducer):
+        self.shards, self.bounds, self.split, self.reducer = shards, bounds, split, reducer
         self.scratch = None
         if not keep_buffers:
             largest = max(s.values.numel() for s in shards)
@@ -198,11 +199,11 @@ class _ShardedEM:
         self.sum_x, self.sum_xx = reducer.floats(moments)
 
     def _pass(self, params: _Params | None, shard: _Shard) -> tuple[float, float, float, float]:
-        """(Σ softplus of the log odds, Σr, Σr·x, Σr·x²) of one shard; the hard split at 0.5 when params is None.
+        """(Σ softplus of the log odds, Σr, Σr·x, Σr·x²) of one shard; the first hard split when params is None.
         Leaves the responsibilities in the shard's resp buffer."""
         d = shard.normalized(self.bounds, self.scratch)
         if params is None:
-            d.resp.copy_(d.x >= 0.5)
+            d.resp.copy_(d.x >= self.split)
             softplus = 0.0
         else:
             _posterior_into(d.x, params, d.z, d.resp)
@@ -226,22 +227,27 @@ class _ShardedEM:
             previous = log_likelihood
         return params, max_iter, False
 
-    def final(self, params: _Params, n: int, prior_of: float, keep_posterior: bool
+    def final(self, params: _Params, n: int, prior_of: float, keep_posterior: bool, threshold: float | None
               ) -> tuple[float, list[torch.Tensor | None]]:
-        """The mean log-likelihood under the final parameters and each shard's posterior."""
+        """The mean log-likelihood under the final parameters and each shard's ε: the posterior, or with a rank
+        `threshold` 1 above it and 0 elsewhere."""
         partial, posteriors = [], []
         for shard in self.shards:
             partial.append(self._pass(params, shard))
             d = shard.normalized(self.bounds, self.scratch)
-            posteriors.append(shard.posterior(_epsilon_into(d.x, params, d.z, d.resp), prior_of)
-                              if keep_posterior else None)
+            if threshold is None:
+                _epsilon_into(d.x, params, d.z, d.resp)
+            else:
+                d.resp.copy_(shard.values > threshold)
+            posteriors.append(shard.posterior(d.resp, prior_of) if keep_posterior else None)
         softplus = self.reducer.floats(partial)[0]
         return _mean_log_likelihood(params, n, self.sum_x, self.sum_xx, softplus), posteriors
 
 
 def fit_gmm_sharded(shards: Sequence[torch.Tensor], *, reg_covar: float = 5e-4, tol: float = 1e-2,
                     max_iter: int = 100, clip_quantiles: Pair = (0.005, 0.995), device: torch.device | str = "cpu",
-                    keep_buffers: bool = True, keep_posterior: bool = True) -> ShardedFit:
+                    keep_buffers: bool = True, keep_posterior: bool = True, init: str = "midrange",
+                    epsilon: str = "posterior") -> ShardedFit:
     """fit_gmm over the concatenation of every rank's shards; collective on every rank.
 
     shards: this process's (n_s,) losses (one tensor per shard, in any order; every process passes the same
@@ -253,7 +259,7 @@ def fit_gmm_sharded(shards: Sequence[torch.Tensor], *, reg_covar: float = 5e-4, 
     parts = [_Shard(s) for s in shards]
     n_raw, n = (int(t) for t in reducer.counts(torch.tensor(
         [sum(p.n_raw for p in parts), sum(p.values.numel() for p in parts)])))
-    _check_args(torch.empty(min(n_raw, 1)), reg_covar, tol, max_iter, clip_quantiles)
+    _check_args(torch.empty(min(n_raw, 1)), reg_covar, tol, max_iter, clip_quantiles, init, epsilon)
     n_dropped = n_raw - n
     if n == 0:
         raise ValueError(f"fit_gmm: all {n_raw} losses are non-finite (NaN or inf)")
@@ -264,12 +270,17 @@ def fit_gmm_sharded(shards: Sequence[torch.Tensor], *, reg_covar: float = 5e-4, 
         fit = _degenerate_fit(bounds[0], n, n_dropped, reg_covar)
         zeros = [torch.zeros(p.n_raw, dtype=torch.float64) if keep_posterior else None for p in parts]
         return ShardedFit(fit, zeros)  # ε = 0 everywhere, as fit_gmm's degenerate fit
-    em = _ShardedEM(parts, bounds, keep_buffers, reducer)
+    values = [p.values for p in parts]
+    median = _select_keys(values, [quantile_rank(0.5, n)], reducer)[0] if init == "median" else None
+    em = _ShardedEM(parts, bounds, split_point(init, median, bounds), keep_buffers, reducer)
     params, n_iter, converged = em.run(n, reg_covar, tol, max_iter)
     params = params.ordered()
     if not converged:
         logger.warning("fit_gmm_sharded: EM did not converge in %d iterations (tol %g)", max_iter, tol)
-    log_likelihood, posteriors = em.final(params, n, params.weights[1], keep_posterior)
+    threshold = None
+    if epsilon == "rank":
+        threshold = _select_keys(values, [quantile_rank(1.0 - params.weights[1], n)], reducer)[0]
+    log_likelihood, posteriors = em.final(params, n, params.weights[1], keep_posterior, threshold)
     fit = GMMFit(params.means, params.variances, params.weights, bounds, n_iter, converged, log_likelihood, n,
                  n_dropped)
     for part in parts:

@@ -70,15 +70,17 @@ def _fit_metrics(fit: GMMFit) -> dict[str, float]:
     }
 
 
-def fit_summary(fit: GMMFit, eps: torch.Tensor, flags: torch.Tensor | None = None) -> dict[str, float]:
+def fit_summary(fit: GMMFit, eps: torch.Tensor, flags: torch.Tensor | None = None,
+                scores: torch.Tensor | None = None) -> dict[str, float]:
     """Flat dict of floats: the fit's parameters (means and variances on the normalized [0, 1] scale; loss_lo
-    and loss_hi map it back to raw losses), the mean ε, and with ground truth the detection metrics."""
+    and loss_hi map it back to raw losses), the mean ε, and with ground truth the detection metrics: precision
+    and recall of ε > 0.5, and the AUC of `scores` (default ε) for ranking noisy pairs above clean ones."""
     out = _fit_metrics(fit)
     out["noise/mean_eps"] = float(eps.double().mean()) if eps.numel() else math.nan
     if flags is None or not bool((flags >= 0).any()):
         return out
     precision, recall = detection_precision_recall(eps, flags)
     known = flags[flags >= 0]
-    out.update({"noise/auc": detection_auc(eps, flags), "noise/precision": precision, "noise/recall": recall,
+    out.update({"noise/auc": detection_auc(eps if scores is None else scores, flags), "noise/precision": precision, "noise/recall": recall,
                 "noise/true_rate": float((known > 0).double().mean())})
     return out
