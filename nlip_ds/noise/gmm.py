@@ -283,7 +283,8 @@ class GMMFit:
         return _normalize(torch.as_tensor(losses), self.bounds)
 
     def noise_probability(self, losses: torch.Tensor) -> torch.Tensor:
-        """ε for new raw losses (any shape) -> (n,) float64 CPU; non-finite losses get the prior noise rate."""
+        """The posterior ε (epsilon="posterior") of new raw losses (any shape) -> (n,) float64 CPU; non-finite
+        losses get the prior noise rate. A rank assignment is not reproduced: its threshold is not kept."""
         raw = torch.as_tensor(losses).detach().reshape(-1).cpu()
         x = self.normalize(raw)
         params = _Params(self.means, self.variances, self.weights)
