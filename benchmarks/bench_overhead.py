@@ -45,14 +45,12 @@ VOCAB, TOKENS = 256, 32
 VARIANTS = ("bare", "zero2", "zero2+noise", "zero3", "zero3+noise")
 
 
-OVERRIDES: list[str] = []  # section.key=value from the command line, for every variant (set in `worker`)
-
-
-def config(zero: str, noise: bool, batch: int):
+def config(zero: str, noise: bool, batch: int, overrides: list[str]):
+    """The tiny config with the command line's section.key=value `overrides` and this variant's settings."""
     from nlip_ds.config import load_config
 
     os.chdir(ROOT)
-    return load_config("configs/tiny-cpu.yaml", [*OVERRIDES, f"deepspeed.config=ds_configs/{zero}.json",
+    return load_config("configs/tiny-cpu.yaml", [*overrides, f"deepspeed.config=ds_configs/{zero}.json",
                                                  f"noise.enabled={str(noise).lower()}", f"train.micro_batch_size={batch}",
                                                  "monitor.tensorboard=false", "optim.warmup_steps=0"])
 
@@ -97,7 +95,7 @@ class Bare:
 
 
 class NLIPStep:
-    def __init__(self, zero: str, noise: bool, batch: int, world: int):
+    def __init__(self, zero: str, noise: bool, batch: int, world: int, overrides: list[str]):
         from nlip_ds.noise.estimator import NoiseEstimator
         from nlip_ds.train import engine as E
         from nlip_ds.train.loop import MetricAccumulator
@@ -105,7 +103,7 @@ class NLIPStep:
         from nlip_ds.train.state import RunState
         from nlip_ds.train.task import NLIPTask
 
-        self.cfg = config(zero, noise, batch)
+        self.cfg = config(zero, noise, batch, overrides)
         estimator = NoiseEstimator(self.cfg.noise, contrastive_batch=batch * world)  # as train/loop.py builds it
         self.engine = E.initialize(NLIPTask(model(self.cfg), self.cfg, estimator), self.cfg,
                                    E.build_ds_config(self.cfg, world), total_steps=10 ** 6)
@@ -120,11 +118,11 @@ class NLIPStep:
         train_step(self.engine, self.cfg, self.state, batch, self.acc, self.guard)
 
 
-def measure(world: int, rank: int, reps: int, steps: int, batch: int) -> dict:
-    runners = {"bare": Bare(config("zero3", False, batch))}
+def measure(world: int, rank: int, reps: int, steps: int, batch: int, overrides: list[str]) -> dict:
+    runners = {"bare": Bare(config("zero3", False, batch, overrides))}
     for zero in ("zero2", "zero3"):
         for noise in (False, True):
-            runners[zero + ("+noise" if noise else "")] = NLIPStep(zero, noise, batch, world)
+            runners[zero + ("+noise" if noise else "")] = NLIPStep(zero, noise, batch, world, overrides)
     data = batches(steps + 1, batch, seed=rank)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(reps + 1):  # rep 0 warms up
@@ -149,11 +147,10 @@ def worker(rank: int, world: int, port: int, args, out: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    OVERRIDES[:] = args.overrides
     from nlip_ds.train import engine as E
 
-    E.init_distributed(config("zero3", False, args.batch))
-    result = measure(world, rank, args.reps, args.steps, args.batch)
+    E.init_distributed(config("zero3", False, args.batch, args.overrides))
+    result = measure(world, rank, args.reps, args.steps, args.batch, args.overrides)
     if rank == 0:
         out[world] = result
     leave_process_group()  # left to exit-time destructors, gloo's threads can abort the rank (std::terminate)
@@ -170,9 +167,8 @@ def main() -> None:
     args = parser.parse_args()
     from nlip_ds.config import ConfigError
 
-    OVERRIDES[:] = args.overrides
     try:
-        config("zero3", False, args.batch)  # refuse a bad override before any process starts
+        config("zero3", False, args.batch, args.overrides)  # refuse a bad override before any process starts
     except ConfigError as exc:
         parser.error(str(exc))
     with open("/proc/loadavg") as f:

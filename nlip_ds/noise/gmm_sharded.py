@@ -265,12 +265,12 @@ def fit_gmm_sharded(shards: Sequence[torch.Tensor], *, reg_covar: float = 5e-4, 
         raise ValueError(f"fit_gmm: all {n_raw} losses are non-finite (NaN or inf)")
     if n_dropped:
         logger.warning("fit_gmm_sharded: dropped %d non-finite losses of %d", n_dropped, n_raw)
-    bounds = _robust_bounds([p.values for p in parts], n, clip_quantiles, reducer)
+    values = [p.values for p in parts]
+    bounds = _robust_bounds(values, n, clip_quantiles, reducer)
     if bounds[0] == bounds[1]:
         fit = _degenerate_fit(bounds[0], n, n_dropped, reg_covar)
         zeros = [torch.zeros(p.n_raw, dtype=torch.float64) if keep_posterior else None for p in parts]
         return ShardedFit(fit, zeros)  # ε = 0 everywhere, as fit_gmm's degenerate fit
-    values = [p.values for p in parts]
     median = _select_keys(values, [quantile_rank(0.5, n)], reducer)[0] if init == "median" else None
     em = _ShardedEM(parts, bounds, split_point(init, median, bounds), keep_buffers, reducer)
     params, n_iter, converged = em.run(n, reg_covar, tol, max_iter)
