@@ -3,7 +3,8 @@
 The bare loop is what one would write by hand: NLIPModel forward, the naive CLIP loss (full logit matrix, cross
 entropy both ways) plus the caption loss, backward, AdamW step. The nlip-ds step is `loop.train_step` (the one
 `nlip-ds train` runs) on a DeepSpeed engine over NLIPTask: ZeRO-2 and ZeRO-3 (ds_configs/), noise on (omega
-lookup, loss bank update) and off. Every variant runs on the same random in-memory batches (no loader), the
+lookup, loss bank update) and off, and ZeRO-3 with DeepSpeed's hooks left on the modules that hold no parameter
+(zero3-hooked: what engine.unhook_parameterless_modules removes). Every variant runs on the same random in-memory batches (no loader), the
 variants take turns rep by rep (a change in machine load hits all of them), and each figure is the median rep.
 
     python benchmarks/bench_overhead.py [--world 1 2] [--reps 5] [--steps 10] [--batch 32] [section.key=value ...]
@@ -42,7 +43,9 @@ BUILTIN_LINEAR = F.linear
 from nlip_ds.distributed import free_port, leave_process_group  # noqa: E402
 
 VOCAB, TOKENS = 256, 32
-VARIANTS = ("bare", "zero2", "zero2+noise", "zero3", "zero3+noise")
+VARIANTS = ("bare", "zero2", "zero2+noise", "zero3", "zero3+noise", "zero3-hooked")
+# zero3-hooked: ZeRO-3 without engine.unhook_parameterless_modules, DeepSpeed's hooks left on modules that hold no
+# parameter (the step before 2026-12-07), for an A/B of that change within one run
 
 
 def config(zero: str, noise: bool, batch: int, overrides: list[str]):
@@ -95,7 +98,11 @@ class Bare:
 
 
 class NLIPStep:
-    def __init__(self, zero: str, noise: bool, batch: int, world: int, overrides: list[str]):
+    def __init__(self, zero: str, noise: bool, batch: int, world: int, overrides: list[str],
+                 unhook: bool = True):
+        from contextlib import nullcontext
+        from unittest import mock
+
         from nlip_ds.noise.estimator import NoiseEstimator
         from nlip_ds.train import engine as E
         from nlip_ds.train.loop import MetricAccumulator
@@ -105,8 +112,10 @@ class NLIPStep:
 
         self.cfg = config(zero, noise, batch, overrides)
         estimator = NoiseEstimator(self.cfg.noise, contrastive_batch=batch * world)  # as train/loop.py builds it
-        self.engine = E.initialize(NLIPTask(model(self.cfg), self.cfg, estimator), self.cfg,
-                                   E.build_ds_config(self.cfg, world), total_steps=10 ** 6)
+        keep_hooks = mock.patch.object(E, "unhook_parameterless_modules", lambda engine: 0)
+        with nullcontext() if unhook else keep_hooks:
+            self.engine = E.initialize(NLIPTask(model(self.cfg), self.cfg, estimator), self.cfg,
+                                       E.build_ds_config(self.cfg, world), total_steps=10 ** 6)
         self.linear = F.linear  # DeepSpeed's if this engine replaced it (see the module docstring)
         torch.nn.functional.linear = BUILTIN_LINEAR
         self.state, self.acc = RunState.create(estimator), MetricAccumulator()
@@ -123,6 +132,7 @@ def measure(world: int, rank: int, reps: int, steps: int, batch: int, overrides:
     for zero in ("zero2", "zero3"):
         for noise in (False, True):
             runners[zero + ("+noise" if noise else "")] = NLIPStep(zero, noise, batch, world, overrides)
+    runners["zero3-hooked"] = NLIPStep("zero3", False, batch, world, overrides, unhook=False)
     data = batches(steps + 1, batch, seed=rank)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(reps + 1):  # rep 0 warms up

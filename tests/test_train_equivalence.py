@@ -63,6 +63,9 @@ def _worker(rank: int, world: int, port: int, out: str, per_submodule: bool = Fa
     model = NLIPModel(cfg.model, vocab_size=VOCAB, pad_id=0, bos_id=1, eos_id=2, sep_id=3)
     engine = E.initialize(NLIPTask(model, cfg), cfg, ds, total_steps=10)
     leaves = sum(bool(getattr(m, "_z3_leaf", False)) for m in engine.module.modules())
+    leaf_names = [name + "." for name, m in engine.module.named_modules() if getattr(m, "_z3_leaf", False)]
+    hooked = {name: (bool(m._forward_pre_hooks), next(m.parameters(recurse=name + "." in leaf_names), None) is not None)
+              for name, m in engine.module.named_modules() if name and not any(name.startswith(l) for l in leaf_names)}
     terms = engine(batch, 0.5 * eps, 1.0 - eps)
     engine.backward(terms["loss"])
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
@@ -74,7 +77,8 @@ def _worker(rank: int, world: int, port: int, out: str, per_submodule: bool = Fa
     if rank == 0:
         fit = fit_gmm(per_sample.double())
         torch.save({"loss": loss / world, "grads": grads, "per_sample": per_sample, "eps": fit.posterior,
-                    "partitioned": partitioned, "leaves": leaves, "plain_grads": plain_grads}, out)
+                    "partitioned": partitioned, "leaves": leaves, "plain_grads": plain_grads, "hooked": hooked},
+                   out)
     D.leave_process_group()  # left to exit-time destructors, gloo's threads can abort the rank (std::terminate)
 
 
@@ -124,3 +128,14 @@ def test_zero3_gathers_whole_transformer_layers_unless_the_json_says_otherwise(r
     layers = 2 * 3  # tiny config: 2 layers each in V_e, T_e and C_d
     assert [results[w]["leaves"] for w in (1, 2, 4)] == [layers] * 3
     assert results["per_submodule"]["leaves"] == 0
+
+
+@pytest.mark.dist
+def test_zero3_hooks_only_modules_that_hold_parameters(results):
+    """engine.unhook_parameterless_modules: DeepSpeed's gather hooks stay on every module (or leaf) with parameters
+    and come off the rest (dropouts, containers, activations), whose gathers had nothing to do."""
+    for key in (1, 2, "per_submodule"):
+        hooked = results[key]["hooked"]
+        with_params = {name for name, (_, params) in hooked.items() if params}
+        assert with_params and {name for name, (hook, _) in hooked.items() if hook} == with_params, key
+        assert len(hooked) > len(with_params), key  # the tiny model has parameterless modules to unhook

@@ -154,6 +154,45 @@ def gather_by_layer(model: torch.nn.Module, ds_config: dict) -> int:
     return len(layers)
 
 
+def unhook_parameterless_modules(engine) -> int:
+    """Under ZeRO-3, take DeepSpeed's hooks off every module that holds no parameter of its own: dropouts,
+    activations, containers such as nn.Sequential, timm's Identity placeholders (a leaf module counts its whole
+    subtree). DeepSpeed hooks every submodule it reaches; on these the gather and the release find nothing to do,
+    but each still costs four hooks and two autograd Function applications a step, about half of all that the
+    tiny model's ZeRO-3 step hooked (docs/performance.md, "Framework overhead"). Modules with parameters, the
+    root and every leaf keep theirs, so what is gathered and when is unchanged.
+
+    Reaches into DeepSpeed's hook bookkeeping (DeepSpeedZeRoOffload.forward_hooks/backward_hooks); where a
+    DeepSpeed version lays it out otherwise, nothing is removed and the reason is logged. Returns the number of
+    modules unhooked."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is None:  # not ZeRO-3
+        return 0
+    from deepspeed.utils import z3_leaf_module
+
+    hooks = (getattr(offload, "forward_hooks", None), getattr(offload, "backward_hooks", None))
+    if not all(isinstance(h, list) and all(hasattr(x, "hooks_dict_ref") for x in h) for h in hooks):
+        logger.info("ZeRO-3: this DeepSpeed keeps its module hooks otherwise; parameterless modules stay hooked")
+        return 0
+    idle = [module for module in engine.module.modules() if module is not engine.module
+            and next(module.parameters(recurse=z3_leaf_module(module)), None) is None]
+    idle_dicts = {id(d) for module in idle for d in (module._forward_pre_hooks, module._forward_hooks)}
+    removed = set()
+
+    def keep(handle) -> bool:
+        if id(handle.hooks_dict_ref()) in idle_dicts:
+            removed.add(id(handle.hooks_dict_ref()))
+            handle.remove()
+            return False
+        return True
+
+    offload.forward_hooks = [h for h in offload.forward_hooks if keep(h)]
+    offload.backward_hooks = [h for h in offload.backward_hooks if keep(h)]
+    count = sum(id(module._forward_hooks) in removed for module in idle)  # leaves' insides were never hooked
+    logger.info("ZeRO-3: %d modules without parameters of their own unhooked", count)
+    return count
+
+
 def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps: int):
     """One DeepSpeed engine over the task module (model + losses); under ZeRO-3 this partitions every parameter.
 
@@ -168,6 +207,7 @@ def initialize(task: torch.nn.Module, cfg: Config, ds_config: dict, total_steps:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    unhook_parameterless_modules(engine)
     if isinstance(optimizer, Lamb):  # per-tensor trust ratios over the flat partitions (see optim.py)
         optimizer.use_zero3_layout(engine.optimizer)
     return engine
