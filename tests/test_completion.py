@@ -279,6 +279,29 @@ def test_caption_filter_trains_only_on_kept_captions_and_does_not_regenerate_the
     assert restored.kept == 2 and restored.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, True]
 
 
+@pytest.mark.parametrize("distinct", [True, False])
+def test_distinct_trains_one_pair_per_synthetic_text(synth_dir, synth_tokenizer, distinct):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
+                                         "completion.per_step_budget=0", f"completion.distinct={distinct}")
+    width = cfg.completion.max_tokens
+    texts = ["a red circle", "a blue star", "a red circle"]  # rows 1 and 3 would train on the same text
+    ids, _ = synth_tokenizer.encode(texts, width + 1)
+    completer.captions.put(torch.tensor([11, 12, 13]), ids[:, 1:], epoch=1, step=0)  # fresh: nothing generated
+    eps = torch.tensor([0.0, 0.9, 0.8, 0.7])  # threshold: rows 1, 2 and 3 are picked
+    out, omega = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    assert completer.generated == 0
+    if distinct:  # row 3 keeps its original caption and its omega
+        assert out["caption_changed"].tolist() == [False, True, True, False]
+        assert torch.equal(out["input_ids"][3], batch["input_ids"][3])
+        torch.testing.assert_close(omega, torch.tensor([0.0, 0.0, 0.0, 0.35]))
+    else:
+        assert out["caption_changed"].tolist() == [False, True, True, True]
+        assert torch.equal(out["input_ids"][1], out["input_ids"][3])
+    sink = SimpleNamespace(logged={}, log=lambda metrics, step: sink.logged.update(metrics), text=lambda *a: None)
+    completer.log(sink, step=0)
+    assert sink.logged.get("completion/duplicates") == (pytest.approx(1 / 3) if distinct else None)
+
+
 def test_clean_bar_is_the_median_similarity_of_the_pairs_called_clean(synth_dir, synth_tokenizer):
     cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.filter=true")
     with torch.no_grad():
@@ -475,11 +498,12 @@ def completion_runs(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("completion")
     run, tok = root / "run", root / "tokenizer"
     # The filter off: a 2-epoch model's filter may keep no caption, and these tests are of replacing captions.
-    first = _train_ds(synth_dir, run, tok, "train.max_steps=12", "completion.filter=false")
+    # completion.distinct on: its all-gather runs in lockstep on the 2 ranks.
+    first = _train_ds(synth_dir, run, tok, "train.max_steps=12", "completion.filter=false", "completion.distinct=true")
     metrics_first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     saved = _completion_state(run, "step12")
     _train_ds(synth_dir, run, tok, "train.max_steps=14", "train.resume=latest", "eval.enabled=false",
-              "completion.filter=false")
+              "completion.filter=false", "completion.distinct=true")
     return run, first, metrics_first, saved
 
 
@@ -492,6 +516,8 @@ def test_training_with_completion_logs_counters_and_text_panel(completion_runs):
     logged = [m for m in metrics if "completion/generated" in m]
     assert logged and logged[-1]["completion/generated"] > 0 and logged[-1]["completion/stored_captions"] > 0
     assert any(0 < m.get("completion/replaced", 0) <= 1 for m in metrics)
+    duplicates = [m["completion/duplicates"] for m in logged if "completion/duplicates" in m]
+    assert duplicates and all(0 <= d < 1 for d in duplicates)
     recall = [m["completion/concept_recall"] for m in logged if "completion/concept_recall" in m]
     assert recall and all(0 <= r <= 1 for r in recall)  # the synthetic shards carry their object lists
     assert "eval zeroshot_top1" in first.stdout  # the run finished through its evaluation

@@ -22,16 +22,19 @@
    default), that caption is kept only if it lies closer to the image than the original caption and, with
    completion.filter_to_clean (the default), at least as close as the median pair of the batch that the
    estimator calls clean (the captioner and filter of BLIP's CapFilt, judged by the contrastive towers: no-grad
-   T_e forwards of the batch's original and the candidate captions, lockstep like generate). Picked pairs with a kept caption in the store get
-   it (replace/threshold: instead of the original, with omega = 0; concat: after the original); the others
-   train on their original caption.
+   T_e forwards of the batch's original and the candidate captions, lockstep like generate). Picked pairs with
+   a kept caption in the store get it (replace/threshold: instead of the original, with omega = 0; concat:
+   after the original); the others train on their original caption. With completion.distinct, of the pairs of
+   the global batch that would train on the same text only the first does (one all-gather of the batch's new
+   caption ids): identical texts would be each other's negatives in the contrastive loss.
 4. The batch keeps the original captions ("orig_input_ids", "orig_attention_mask") and the mask of changed rows
    ("caption_changed"); NLIPTask hands the noise estimator the loss of the original pairs without concepts.
 
 Host syncs: from stage 2 on, the ids and the policy's picks go to the host every step (the caption store is
-a host dict) and one small all-reduce runs per step; generation itself needs one per decoder step. Under ZeRO-3
-the training loop passes `hold` (train/zero.py's `held`), which gathers C_d's parameters once per generate call
-instead of once per submodule per generated token.
+a host dict) and one small all-reduce runs per step (with completion.distinct, also one all-gather of the
+batch's caption ids); generation itself needs one per decoder step. Under ZeRO-3 the training loop passes
+`hold` (train/zero.py's `held`), which gathers C_d's parameters once per generate call instead of once per
+submodule per generated token.
 """
 from __future__ import annotations
 
@@ -91,6 +94,7 @@ class Completer:
         self._changed_share = None  # (,) device sum of the per-step share of changed captions since the last log
         self._steps = 0
         self._recall = [0, 0]  # concept recall since the last log: (hits, total), `ConceptCache.recall`
+        self._duplicates = [0, 0]  # completion.distinct since the last log: (rows left out, rows with a kept caption)
         self._panels: list[tuple[int, str]] = []
 
     # -------------------------------------------------------------------------------------- per step
@@ -137,14 +141,16 @@ class Completer:
             self._caption_into_store(model, batch, need, state, image_features, eps)
             stored = self.captions.lookup(batch["sample_id"])  # with this step's new captions
         rows = [i for i, p in enumerate(picked) if p and bool(stored.kept[i])]
+        new_ids, new_mask = P.caption_rows(self.c.policy, batch["input_ids"][rows].cpu(), stored.tokens[rows],
+                                           bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
+                                           pad_id=self.tokenizer.pad_id, special=self.special)
+        if self.c.distinct:
+            first = self._first_of_their_text(new_ids, rows, len(ids), device)
+            rows, new_ids, new_mask = [r for r, f in zip(rows, first) if f], new_ids[first], new_mask[first]
         changed = torch.zeros(len(ids), dtype=torch.bool, device=device)
         batch["orig_input_ids"], batch["orig_attention_mask"] = batch["input_ids"], batch["attention_mask"]
         if rows:
             index = torch.tensor(rows, device=device)
-            new_ids, new_mask = P.caption_rows(self.c.policy, batch["input_ids"][index].cpu(),
-                                               stored.tokens[rows], bos_id=self.tokenizer.bos_id,
-                                               eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                                               special=self.special)
             batch["input_ids"] = batch["input_ids"].index_copy(0, index, new_ids.to(device))
             batch["attention_mask"] = batch["attention_mask"].index_copy(0, index, new_mask.to(device))
             changed[index] = True
@@ -155,6 +161,24 @@ class Completer:
         self._changed_share = share if self._changed_share is None else self._changed_share + share
         self._steps += 1
         return batch, omega
+
+    def _first_of_their_text(self, texts: torch.Tensor, rows: list[int], n: int, device) -> torch.Tensor:
+        """completion.distinct: for each of this rank's `rows` (new caption ids `texts`, (len(rows), T)), whether
+        it is the first row of the global batch (ranks in order, then rows) to train on that synthetic text; the
+        others keep their original caption. Lockstep: one all-gather of the batch's (n, 1 + T) ids, every rank
+        together, after which every rank decides alike."""
+        mine = torch.full((n, 1 + texts.shape[1]), -1, dtype=torch.int32, device=device)  # column 0: 1 = changed
+        if rows:
+            mine[rows, 0] = 1
+            mine[rows, 1:] = texts.to(device=device, dtype=torch.int32)
+        seen, first = set(), []
+        for row in D.all_gather_tensor(mine).tolist():  # (world * n, 1 + T)
+            first.append(row[0] == 1 and tuple(row) not in seen)
+            seen.add(tuple(row))
+        offset = D.get_rank() * n
+        keep = torch.tensor([first[offset + i] for i in rows], dtype=torch.bool)
+        self._duplicates = [self._duplicates[0] + int((~keep).sum()), self._duplicates[1] + len(rows)]
+        return keep
 
     def _caption_into_store(self, model, batch: dict, need: list[int], state, image_features: torch.Tensor,
                             eps: torch.Tensor) -> None:
@@ -261,7 +285,9 @@ class Completer:
         """At a log step, on every rank together: completion/generated (cumulative over the run, all ranks),
         completion/stored_captions, completion/replaced (share of pairs that trained on a synthetic caption since the
         last log, all ranks), completion/concept_recall (since the last log, all ranks; only where the data
-        carries object lists: `ConceptCache.recall`) and the pending text panels."""
+        carries object lists: `ConceptCache.recall`), completion/duplicates (with completion.distinct: the share
+        of the pairs with a kept caption left on their original because an earlier pair of the global batch
+        trains on the same text, since the last log, all ranks) and the pending text panels."""
         stored = len(self.captions)
         if not self.captions.partition.replicated:  # each rank holds its slice
             stored = int(D.all_reduce_sum(torch.tensor([stored], device=D.collective_device())).item())
@@ -279,6 +305,12 @@ class Completer:
         if recall[1] > 0:
             metrics["completion/concept_recall"] = float(recall[0] / recall[1])
         self._recall = [0, 0]
+        if self.c.distinct:
+            duplicates = D.all_reduce_sum(torch.tensor(self._duplicates, dtype=torch.float64,
+                                                       device=D.collective_device()))
+            if duplicates[1] > 0:
+                metrics["completion/duplicates"] = float(duplicates[0] / duplicates[1])
+            self._duplicates = [0, 0]
         sink.log(metrics, step)
         for panel_step, text in self._panels:
             sink.text("completion/samples", text, panel_step)
