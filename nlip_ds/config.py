@@ -216,7 +216,7 @@ class CompletionConfig:
                                 "close to its image as the median pair of the batch the estimator calls clean")
     candidates: int = opt(1, "sampled captions per pair; the one the model's embeddings put closest to the image "
                           "is kept (needs strategy nucleus when above 1)", lo=1, hi=64)
-    distinct: bool = opt(False, "at most one pair of the global batch trains on each synthetic caption text: the "
+    distinct: bool = opt(True, "at most one pair of the global batch trains on each synthetic caption text: the "
                          "other pairs whose kept caption is the same keep their original caption (identical texts "
                          "would be each other's negatives in the contrastive loss)")
 
