@@ -4,8 +4,9 @@ The bare loop is what one would write by hand: NLIPModel forward, the naive CLIP
 entropy both ways) plus the caption loss, backward, AdamW step. The nlip-ds step is `loop.train_step` (the one
 `nlip-ds train` runs) on a DeepSpeed engine over NLIPTask: ZeRO-2 and ZeRO-3 (ds_configs/), noise on (omega
 lookup, loss bank update) and off, and ZeRO-3 with DeepSpeed's hooks left on the modules that hold no parameter
-(zero3-hooked: what engine.unhook_parameterless_modules removes). Every variant runs on the same random in-memory batches (no loader), the
-variants take turns rep by rep (a change in machine load hits all of them), and each figure is the median rep.
+(zero3-hooked: what engine.unhook_parameterless_modules removes). Every variant runs on the same random
+in-memory batches (no loader), the variants take turns rep by rep (a change in machine load hits all of them),
+and each figure is the median rep.
 
     python benchmarks/bench_overhead.py [--world 1 2] [--reps 5] [--steps 10] [--batch 32] [section.key=value ...]
 

@@ -498,12 +498,12 @@ def completion_runs(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("completion")
     run, tok = root / "run", root / "tokenizer"
     # The filter off: a 2-epoch model's filter may keep no caption, and these tests are of replacing captions.
-    # completion.distinct on: its all-gather runs in lockstep on the 2 ranks.
-    first = _train_ds(synth_dir, run, tok, "train.max_steps=12", "completion.filter=false", "completion.distinct=true")
+    # completion.distinct is on by default: its all-gather runs in lockstep on the 2 ranks.
+    first = _train_ds(synth_dir, run, tok, "train.max_steps=12", "completion.filter=false")
     metrics_first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     saved = _completion_state(run, "step12")
     _train_ds(synth_dir, run, tok, "train.max_steps=14", "train.resume=latest", "eval.enabled=false",
-              "completion.filter=false", "completion.distinct=true")
+              "completion.filter=false")
     return run, first, metrics_first, saved
 
 

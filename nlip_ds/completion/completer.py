@@ -172,9 +172,9 @@ class Completer:
             mine[rows, 0] = 1
             mine[rows, 1:] = texts.to(device=device, dtype=torch.int32)
         seen, first = set(), []
-        for row in D.all_gather_tensor(mine).tolist():  # (world * n, 1 + T)
-            first.append(row[0] == 1 and tuple(row) not in seen)
-            seen.add(tuple(row))
+        for row in map(tuple, D.all_gather_tensor(mine).tolist()):  # (world * n, 1 + T)
+            first.append(row[0] == 1 and row not in seen)
+            seen.add(row)
         offset = D.get_rank() * n
         keep = torch.tensor([first[offset + i] for i in rows], dtype=torch.bool)
         self._duplicates = [self._duplicates[0] + int((~keep).sum()), self._duplicates[1] + len(rows)]

@@ -178,16 +178,16 @@ def unhook_parameterless_modules(engine) -> int:
             and next(module.parameters(recurse=z3_leaf_module(module)), None) is None]
     idle_dicts = {id(d) for module in idle for d in (module._forward_pre_hooks, module._forward_hooks)}
     removed = set()
-
-    def keep(handle) -> bool:
-        if id(handle.hooks_dict_ref()) in idle_dicts:
-            removed.add(id(handle.hooks_dict_ref()))
-            handle.remove()
-            return False
-        return True
-
-    offload.forward_hooks = [h for h in offload.forward_hooks if keep(h)]
-    offload.backward_hooks = [h for h in offload.backward_hooks if keep(h)]
+    for name in ("forward_hooks", "backward_hooks"):
+        kept = []
+        for handle in getattr(offload, name):
+            hooks = id(handle.hooks_dict_ref())
+            if hooks in idle_dicts:
+                handle.remove()
+                removed.add(hooks)
+            else:
+                kept.append(handle)
+        setattr(offload, name, kept)
     count = sum(id(module._forward_hooks) in removed for module in idle)  # leaves' insides were never hooked
     logger.info("ZeRO-3: %d modules without parameters of their own unhooked", count)
     return count
