@@ -12,6 +12,9 @@ Each cell trains the tiny model at an equal budget (same data, config, epochs, g
 
     clip           the CLIP loss only (no noise estimator)
     harmonization  the noise estimator and noise-harmonization (the config's L_NITC form)
+    harmonization-rank
+                   harmonization with the rank assignment (`noise.epsilon=rank`, `noise.em_init=median`,
+                   `noise.trust_ratio=0.9`: docs/noise.md, "Rank assignment"); not in the default grid
     nlip           harmonization and noise-completion: the full method
     oracle         harmonization with perfect detection from the first step (`noise.oracle`: ε is the data's own
                    noise label, `noise.warmup_epochs=0`): the ceiling of any detector at this budget. Not in the
@@ -57,6 +60,8 @@ from noise_robustness import fmt, nlip_ds  # noqa: E402
 VARIANTS = {
     "clip": ["noise.enabled=false", "completion.enabled=false"],
     "harmonization": ["noise.enabled=true", "completion.enabled=false"],
+    "harmonization-rank": ["noise.enabled=true", "noise.epsilon=rank", "noise.em_init=median", "noise.trust_ratio=0.9",
+                           "completion.enabled=false"],
     "nlip": ["noise.enabled=true", "completion.enabled=true"],
     "oracle": ["noise.enabled=true", "noise.oracle=true", "noise.warmup_epochs=0", "completion.enabled=false"],
 }
