@@ -215,7 +215,11 @@ class CompletionConfig:
     filter_to_clean: bool = opt(True, "with the filter, also require the synthetic caption to lie at least as "
                                 "close to its image as the median pair of the batch the estimator calls clean")
     candidates: int = opt(1, "sampled captions per pair; the one the model's embeddings put closest to the image "
-                          "is kept (needs strategy nucleus when above 1)", lo=1, hi=64)
+                          "is kept (needs strategy nucleus when above 1; 0: no decoding, concept captions only)",
+                          lo=0, hi=64)
+    concept_captions: int = opt(0, "the pair's top retrieved concepts, each written in the concept template ('a "
+                                "photo of a {}.'), that join the sampled captions as candidates (at most top_k)",
+                                lo=0, hi=64)
     distinct: bool = opt(True, "at most one pair of the global batch trains on each synthetic caption text: the "
                          "other pairs whose kept caption is the same keep their original caption (identical texts "
                          "would be each other's negatives in the contrastive loss)")
@@ -360,6 +364,12 @@ def _check_consistency(cfg: Config) -> None:
     if c.candidates > 1 and c.strategy != "nucleus":
         raise ConfigError(f"completion.candidates: {c.candidates} candidates of the {c.strategy} strategy would be "
                           "one caption repeated; use completion.strategy=nucleus or completion.candidates=1")
+    if c.candidates + c.concept_captions < 1:
+        raise ConfigError("completion.candidates: 0 sampled captions and completion.concept_captions=0 leave no "
+                          "candidate caption; set either above 0")
+    if c.concept_captions > c.top_k:
+        raise ConfigError(f"completion.concept_captions: {c.concept_captions} exceeds completion.top_k={c.top_k}, "
+                          "the concepts retrieved per image")
     if c.enabled and c.max_tokens > cfg.model.decoder.max_length:
         raise ConfigError(f"completion.max_tokens: {c.max_tokens} exceeds model.decoder.max_length="
                           f"{cfg.model.decoder.max_length}")

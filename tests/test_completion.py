@@ -100,6 +100,8 @@ def test_caption_store_freshness_padding_rows_and_state():
     (["completion.enabled=true", "noise.enabled=false"], "completion.enabled: noise-completion picks pairs"),
     (["completion.enabled=true", "completion.max_tokens=40"], "completion.max_tokens: 40 exceeds"),
     (["completion.candidates=4", "completion.strategy=greedy"], "completion.candidates: 4 candidates of the greedy"),
+    (["completion.candidates=0"], "completion.candidates: 0 sampled captions and completion.concept_captions=0"),
+    (["completion.concept_captions=6", "completion.top_k=5"], "completion.concept_captions: 6 exceeds"),
 ])
 def test_config_refusals(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -240,6 +242,49 @@ def test_candidates_keep_the_one_closest_to_the_image(synth_dir, synth_tokenizer
     assert completer.captions.get([11, 13])[:, :3].tolist() == [[11, 21, eos], [12, 22, eos]]
     assert completer.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, False]
     assert out["caption_changed"].tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("sampled", [0, 2])
+def test_concept_captions_join_the_candidates_in_the_concept_template(synth_dir, synth_tokenizer, monkeypatch,
+                                                                      sampled):
+    cfg, task, completer, batch = _setup(synth_dir, synth_tokenizer, "completion.policy=threshold",
+                                         "completion.filter=true", "completion.strategy=nucleus",
+                                         f"completion.candidates={sampled}", "completion.concept_captions=2",
+                                         "completion.per_step_budget=4", "completion.filter_to_clean=false")
+    eos, pad = synth_tokenizer.eos_id, synth_tokenizer.pad_id
+    generated = []
+
+    def generate(model, images, concept_ids, concept_mask, step):
+        generated.append(images.shape[0])
+        return torch.tensor([[10, 20, eos] + [pad] * 5] * images.shape[0])
+
+    top = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])  # each row's retrieved concepts
+    monkeypatch.setattr(completer, "generate", generate)
+    monkeypatch.setattr(completer.cache, "retrieve", lambda features, k: top[:, :k])
+    judged = []
+
+    def similarity(model, input_ids, attention_mask, tokens, image_features):
+        if input_ids.shape[0] == PANEL_ROWS:
+            return torch.zeros(PANEL_ROWS, 2)
+        judged.append(synth_tokenizer.decode(tokens))
+        # rows 1 and 3 are picked; row 1's second concept caption is the closest, row 3's first sampled one
+        scores = torch.zeros(2, 1 + sampled + 2)
+        scores[0, -1], scores[1, 1] = 0.9, 0.8
+        return scores
+
+    monkeypatch.setattr(completer, "similarity", similarity)
+    eps = torch.tensor([0.0, 0.9, 0.2, 0.7])
+    out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
+    names = completer.cache.vocabulary
+    template = completer.cache.template
+    sampled_text = synth_tokenizer.decode(torch.tensor([[10, 20, eos]]))
+    assert judged == [sampled_text * sampled + [template.format(names[3]), template.format(names[4])]
+                      + sampled_text * sampled + [template.format(names[9]), template.format(names[10])]]
+    assert generated == [PANEL_ROWS] + ([2 * sampled] if sampled else [])  # no decoding without sampled ones
+    stored = synth_tokenizer.decode(completer.captions.get([11, 13]))
+    assert stored[0] == template.format(names[4])
+    assert stored[1] == (sampled_text[0] if sampled else template.format(names[9]))
+    assert out["caption_changed"].tolist() == [False, True, False, True]
 
 
 def test_caption_filter_trains_only_on_kept_captions_and_does_not_regenerate_the_others(synth_dir, synth_tokenizer,
@@ -393,7 +438,8 @@ with torch.no_grad():
     features = engine.module.encode_image(inputs[0])
 assert cfg.completion.filter and cfg.completion.filter_to_clean
 completer._caption_into_store(engine.module, batch, [0, 1] if rank == 0 else [], SimpleNamespace(epoch=0, step=7),
-                              features, torch.tensor([0.2, 0.9]))  # the clean bar's T_e forward too
+                              features, torch.tensor([0.2, 0.9]),  # the clean bar's T_e forward too
+                              top=torch.zeros(2, 1, dtype=torch.long))  # retrieved concepts: no concept captions
 banks = D.all_gather_object(completer.captions.state_dict())
 assert completer.generated == 2 and len(completer.captions) == 2 and 5 in completer.captions and 6 in completer.captions
 assert all(torch.equal(b[k], banks[0][k]) for b in banks for k in ("tokens", "ids", "kept"))

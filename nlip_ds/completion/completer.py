@@ -18,7 +18,9 @@
    by default) in lockstep: one all-reduce says whether any rank has work; if so every rank calls generate
    exactly once (a rank with no work on one dummy row, discarded) with a sync_fn, and one all-gather puts the
    new captions into every rank's store. With completion.candidates = K > 1, each pair gets K sampled captions
-   and keeps the one the model's own embeddings put closest to its image. With completion.filter (the
+   and keeps the one the model's own embeddings put closest to its image; completion.concept_captions = n adds
+   its top n retrieved concepts, each in the concept template ("a photo of a dog."), to those candidates (with
+   K = 0 they are the only ones and nothing is decoded). With completion.filter (the
    default), that caption is kept only if it lies closer to the image than the original caption and, with
    completion.filter_to_clean (the default), at least as close as the median pair of the batch that the
    estimator calls clean (the captioner and filter of BLIP's CapFilt, judged by the contrastive towers: no-grad
@@ -96,6 +98,7 @@ class Completer:
         self._recall = [0, 0]  # concept recall since the last log: (hits, total), `ConceptCache.recall`
         self._duplicates = [0, 0]  # completion.distinct since the last log: (rows left out, rows with a kept caption)
         self._panels: list[tuple[int, str]] = []
+        self._concept_caption_ids: Optional[torch.Tensor] = None  # `_concept_tokens`
 
     # -------------------------------------------------------------------------------------- per step
 
@@ -117,7 +120,7 @@ class Completer:
             self._panel(model, batch, top, image_features, state.step)
         if state.epoch < self.c.start_epoch:
             return batch, omega
-        return self._complete(model, state, batch, eps, omega, image_features)
+        return self._complete(model, state, batch, eps, omega, image_features, top)
 
     def _refresh_if_due(self, model, step: int, device) -> bool:
         last = self.cache.refreshed_at_step
@@ -130,7 +133,7 @@ class Completer:
         return True
 
     def _complete(self, model, state, batch: dict, eps: torch.Tensor, omega: torch.Tensor,
-                  image_features: torch.Tensor):
+                  image_features: torch.Tensor, top: torch.Tensor):
         ids = batch["sample_id"].tolist()
         picked = P.select(self.c.policy, eps, batch["sample_id"], self.seed, state.epoch).tolist()
         stored = self.captions.lookup(batch["sample_id"])  # sharded: one exchange with the ids' owners
@@ -138,7 +141,7 @@ class Completer:
         need = [i for i, (p, f) in enumerate(zip(picked, fresh)) if p and not f][:self.c.per_step_budget]
         device = batch["image"].device
         if self.c.per_step_budget and D.all_reduce_max(len(need), device) > 0:
-            self._caption_into_store(model, batch, need, state, image_features, eps)
+            self._caption_into_store(model, batch, need, state, image_features, eps, top)
             stored = self.captions.lookup(batch["sample_id"])  # with this step's new captions
         rows = [i for i, p in enumerate(picked) if p and bool(stored.kept[i])]
         new_ids, new_mask = P.caption_rows(self.c.policy, batch["input_ids"][rows].cpu(), stored.tokens[rows],
@@ -181,20 +184,19 @@ class Completer:
         return keep
 
     def _caption_into_store(self, model, batch: dict, need: list[int], state, image_features: torch.Tensor,
-                            eps: torch.Tensor) -> None:
-        """Generate for this rank's `need` rows (lockstep with the other ranks), judge them by the caption filter
-        and gather every rank's new captions with the verdicts into the store, padded to per_step_budget rows
-        per rank."""
+                            eps: torch.Tensor, top: torch.Tensor) -> None:
+        """Caption this rank's `need` rows (lockstep with the other ranks), judge them by the caption filter and
+        gather every rank's new captions with the verdicts into the store, padded to per_step_budget rows per
+        rank. Each row's candidates: K sampled captions, then its top completion.concept_captions concepts in
+        the concept template."""
         device, budget = batch["image"].device, self.c.per_step_budget
         index = torch.tensor(need or [0], device=device)  # no work: one dummy row keeps the decoder in step
-        k = self.c.candidates
-        rows_k = index.repeat_interleave(k)  # each row's K candidates side by side
-        tokens = self.generate(model, batch["image"][rows_k], batch["concept_ids"][rows_k],
-                               batch["concept_mask"][rows_k], state.step)  # (m * K, L)
+        k = self.c.candidates + self.c.concept_captions
+        tokens = self._candidates(model, batch, index, top, state.step)  # (m * k, L)
         kept = torch.ones(len(index), dtype=torch.bool, device=device)
         if k > 1 or self.c.filter:
             similarity = self.similarity(model, batch["input_ids"][index], batch["attention_mask"][index], tokens,
-                                         image_features[index])  # (m, 1 + K)
+                                         image_features[index])  # (m, 1 + k)
             best = similarity[:, 1:].argmax(dim=1)
             tokens = tokens.view(len(index), k, -1)[torch.arange(len(index), device=device), best]
             if self.c.filter:
@@ -212,6 +214,31 @@ class Completer:
         self.captions.put(ids.cpu(), rows[:, :-1].cpu(), state.epoch, state.step, kept=rows[:, -1].cpu() > 0)
         self.generated += int((ids >= 0).sum())
         self.kept += int(((ids >= 0) & (rows[:, -1] > 0)).sum())
+
+    def _candidates(self, model, batch: dict, index: torch.Tensor, top: torch.Tensor, step: int) -> torch.Tensor:
+        """(m * k, L) candidate captions of the `index` rows (ids after [BOS], padded), each row's k side by
+        side: completion.candidates sampled by the decoder (lockstep: every rank calls generate together), then
+        the concept template of each of its top completion.concept_captions retrieved concepts. A concept
+        caption costs no decoding; it names what the contrastive towers see in the image, which they learn long
+        before the decoder learns to write it (docs/completion.md)."""
+        m, parts = len(index), []
+        if self.c.candidates:
+            rows = index.repeat_interleave(self.c.candidates)
+            sampled = self.generate(model, batch["image"][rows], batch["concept_ids"][rows],
+                                    batch["concept_mask"][rows], step)  # (m * K, L)
+            parts.append(sampled.view(m, self.c.candidates, -1))
+        if self.c.concept_captions:
+            written = self._concept_tokens(index.device)[top[index, :self.c.concept_captions]]  # (m, n, L)
+            parts.append(written)
+        return torch.cat(parts, dim=1).view(m * (self.c.candidates + self.c.concept_captions), -1)
+
+    def _concept_tokens(self, device) -> torch.Tensor:
+        """(C, max_tokens) every concept in the concept template, as ids after [BOS] (the generated captions'
+        layout), tokenized once."""
+        if self._concept_caption_ids is None:
+            ids, _ = self.tokenizer.encode(self.cache.prompts(), self.c.max_tokens + 1)
+            self._concept_caption_ids = ids[:, 1:]
+        return self._concept_caption_ids.to(device)
 
     def similarity(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: torch.Tensor,
                    image_features: torch.Tensor) -> torch.Tensor:
