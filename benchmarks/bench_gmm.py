@@ -95,7 +95,8 @@ def bench_size(n: int, args) -> dict:
     losses = synthetic_losses(n)
     repeats = args.repeats if n <= 20_000_000 else max(1, args.repeats // 2)
     ours, fastest, fit = time_ours(losses, repeats)
-    row = {"n": n, "ours": ours, "fastest": fastest, "repeats": repeats, "n_iter": fit.n_iter, "noise_rate": fit.noise_rate}
+    row = {"n": n, "ours": ours, "fastest": fastest, "repeats": repeats, "n_iter": fit.n_iter,
+           "noise_rate": fit.noise_rate}
     reason = sklearn_skip_reason(n, args)
     if reason is not None:
         return {**row, "skipped": reason}

@@ -55,8 +55,9 @@ def config(zero: str, noise: bool, batch: int, overrides: list[str]):
 
     os.chdir(ROOT)
     return load_config("configs/tiny-cpu.yaml", [*overrides, f"deepspeed.config=ds_configs/{zero}.json",
-                                                 f"noise.enabled={str(noise).lower()}", f"train.micro_batch_size={batch}",
-                                                 "monitor.tensorboard=false", "optim.warmup_steps=0"])
+                                                 f"noise.enabled={str(noise).lower()}",
+                                                 f"train.micro_batch_size={batch}", "monitor.tensorboard=false",
+                                                 "optim.warmup_steps=0"])
 
 
 def batches(n: int, batch: int, seed: int) -> list[dict]:

@@ -51,8 +51,8 @@ def run(data: Path, world: int, steps: int, noise: bool, workdir: Path) -> float
     threads = max(1, (os.cpu_count() or 1) // world)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    rates = [json.loads(line)["throughput/samples_per_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "throughput/samples_per_s" in line]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rates = [json.loads(line)["throughput/samples_per_s"] for line in lines if "throughput/samples_per_s" in line]
     return rates[-1]
 
 

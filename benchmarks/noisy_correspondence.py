@@ -174,7 +174,8 @@ def train_and_score(run: Run, args: argparse.Namespace, threads: int) -> Run:
 def train(run: Run, args: argparse.Namespace, threads: int) -> None:
     d = run.data
     nlip_ds("train", "--config", args.config, f"data.train={d / 'train'}", f"data.val={d / 'val'}",
-            f"data.test={d / 'test'}", f"data.tokenizer={d / 'tokenizer'}", f"completion.vocabulary={d / 'concepts.txt'}",
+            f"data.test={d / 'test'}", f"data.tokenizer={d / 'tokenizer'}",
+            f"completion.vocabulary={d / 'concepts.txt'}",
             f"eval.probe_data={d / 'train'}", "eval.tasks=[zeroshot,retrieval,linear_probe]",
             f"train.output_dir={run.folder / 'run'}", f"train.seed={run.seed}", f"train.epochs={args.epochs}",
             f"train.micro_batch_size={args.batch}", "data.workers=0", "monitor.progress=false",

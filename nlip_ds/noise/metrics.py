@@ -81,6 +81,7 @@ def fit_summary(fit: GMMFit, eps: torch.Tensor, flags: torch.Tensor | None = Non
         return out
     precision, recall = detection_precision_recall(eps, flags)
     known = flags[flags >= 0]
-    out.update({"noise/auc": detection_auc(eps if scores is None else scores, flags), "noise/precision": precision, "noise/recall": recall,
+    out.update({"noise/auc": detection_auc(eps if scores is None else scores, flags),
+                "noise/precision": precision, "noise/recall": recall,
                 "noise/true_rate": float((known > 0).double().mean())})
     return out
