@@ -228,8 +228,8 @@ def test_candidates_keep_the_one_closest_to_the_image(synth_dir, synth_tokenizer
         return torch.tensor(rows)
 
     def similarity(model, input_ids, attention_mask, tokens, image_features):
-        if input_ids.shape[0] == PANEL_ROWS:
-            return torch.zeros(PANEL_ROWS, 2)
+        if input_ids.shape[0] == PANEL_ROWS:  # the text panel's rows, 3 candidates each
+            return torch.zeros(PANEL_ROWS, 4)
         assert tokens.shape[0] == 3 * input_ids.shape[0] == 6
         # row 1: candidate 1 is the closest and beats the original; row 3: candidate 2 is, and does not
         return torch.tensor([[0.1, 0.2, 0.9, 0.3], [0.5, 0.1, 0.2, 0.4]])
@@ -238,7 +238,7 @@ def test_candidates_keep_the_one_closest_to_the_image(synth_dir, synth_tokenizer
     monkeypatch.setattr(completer, "similarity", similarity)
     eps = torch.tensor([0.0, 0.9, 0.2, 0.7])
     out, _ = completer.prepare(task.model, SimpleNamespace(epoch=1, step=0), batch, eps, 0.5 * eps)
-    assert generated == [PANEL_ROWS, 6] and completer.generated == 2 and completer.kept == 1
+    assert generated == [3 * PANEL_ROWS, 6] and completer.generated == 2 and completer.kept == 1
     assert completer.captions.get([11, 13])[:, :3].tolist() == [[11, 21, eos], [12, 22, eos]]
     assert completer.captions.lookup(torch.tensor([11, 13])).kept.tolist() == [True, False]
     assert out["caption_changed"].tolist() == [False, True, False, False]
@@ -265,7 +265,7 @@ def test_concept_captions_join_the_candidates_in_the_concept_template(synth_dir,
 
     def similarity(model, input_ids, attention_mask, tokens, image_features):
         if input_ids.shape[0] == PANEL_ROWS:
-            return torch.zeros(PANEL_ROWS, 2)
+            return torch.zeros(PANEL_ROWS, 1 + sampled + 2)
         judged.append(synth_tokenizer.decode(tokens))
         # rows 1 and 3 are picked; row 1's second concept caption is the closest, row 3's first sampled one
         scores = torch.zeros(2, 1 + sampled + 2)
@@ -280,11 +280,16 @@ def test_concept_captions_join_the_candidates_in_the_concept_template(synth_dir,
     sampled_text = synth_tokenizer.decode(torch.tensor([[10, 20, eos]]))
     assert judged == [sampled_text * sampled + [template.format(names[3]), template.format(names[4])]
                       + sampled_text * sampled + [template.format(names[9]), template.format(names[10])]]
-    assert generated == [PANEL_ROWS] + ([2 * sampled] if sampled else [])  # no decoding without sampled ones
+    # no decoding without sampled captions, not even for the text panel
+    assert generated == ([sampled * PANEL_ROWS, 2 * sampled] if sampled else [])
     stored = synth_tokenizer.decode(completer.captions.get([11, 13]))
     assert stored[0] == template.format(names[4])
     assert stored[1] == (sampled_text[0] if sampled else template.format(names[9]))
     assert out["caption_changed"].tolist() == [False, True, False, True]
+    panels = []  # the text panel shows the candidate the store would pick (all tie here: the first)
+    completer.log(SimpleNamespace(log=lambda *a: None, text=lambda tag, text, step: panels.append(text)), step=0)
+    rows = panels[0].splitlines()[2:]
+    assert len(rows) == PANEL_ROWS and (sampled_text[0] if sampled else template.format(names[0])) in rows[0]
 
 
 def test_caption_filter_trains_only_on_kept_captions_and_does_not_regenerate_the_others(synth_dir, synth_tokenizer,

@@ -290,13 +290,17 @@ class Completer:
         return D.all_reduce_max(int(local_unfinished), like.device) > 0
 
     def _panel(self, model, batch: dict, top: torch.Tensor, image_features: torch.Tensor, step: int) -> None:
-        """Caption the first rows of the batch (every rank, lockstep) and keep a markdown table for rank 0, with
-        the image's similarity to each caption (the caption filter's two numbers)."""
+        """Caption the first rows of the batch as the store would (every rank, lockstep: the candidates, the one
+        closest to the image) and keep a markdown table for rank 0, with the image's similarity to the original
+        and to that caption (the caption filter's two numbers)."""
         m = min(PANEL_ROWS, batch["image"].shape[0])
-        tokens = self.generate(model, batch["image"][:m], batch["concept_ids"][:m], batch["concept_mask"][:m], step)
+        index = torch.arange(m, device=batch["image"].device)
+        tokens = self._candidates(model, batch, index, top, step)  # (m * k, L)
         similarity = self.similarity(model, batch["input_ids"][:m], batch["attention_mask"][:m], tokens,
-                                     image_features[:m]).tolist()
-        synthetic = self.tokenizer.decode(tokens)
+                                     image_features[:m])  # (m, 1 + k)
+        best = similarity[:, 1:].argmax(dim=1)
+        synthetic = self.tokenizer.decode(tokens.view(m, -1, tokens.shape[1])[index, best])
+        similarity = torch.stack([similarity[:, 0], similarity[:, 1:].amax(dim=1)], dim=1).tolist()
         concepts = self.cache.names(top[:m])
         lines = ["| sample | original caption | retrieved concepts | synthetic caption | similarity to the image "
                  "(original / synthetic) |", "|---|---|---|---|---|"]
