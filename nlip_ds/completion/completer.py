@@ -197,10 +197,8 @@ class Completer:
         if k > 1 or self.c.filter:
             similarity = self.similarity(model, batch["input_ids"][index], batch["attention_mask"][index], tokens,
                                          image_features[index])  # (m, 1 + k)
-            best = similarity[:, 1:].argmax(dim=1)
-            tokens = tokens.view(len(index), k, -1)[torch.arange(len(index), device=device), best]
+            tokens, closest = _closest(tokens, similarity)
             if self.c.filter:
-                closest = similarity[:, 1:].amax(dim=1)
                 kept = closest > similarity[:, 0]
                 if self.c.filter_to_clean:
                     kept &= closest >= self.clean_bar(model, batch, eps, image_features)
@@ -298,9 +296,9 @@ class Completer:
         tokens = self._candidates(model, batch, index, top, step)  # (m * k, L)
         similarity = self.similarity(model, batch["input_ids"][:m], batch["attention_mask"][:m], tokens,
                                      image_features[:m])  # (m, 1 + k)
-        best = similarity[:, 1:].argmax(dim=1)
-        synthetic = self.tokenizer.decode(tokens.view(m, -1, tokens.shape[1])[index, best])
-        similarity = torch.stack([similarity[:, 0], similarity[:, 1:].amax(dim=1)], dim=1).tolist()
+        tokens, closest = _closest(tokens, similarity)
+        synthetic = self.tokenizer.decode(tokens)
+        similarity = torch.stack([similarity[:, 0], closest], dim=1).tolist()
         concepts = self.cache.names(top[:m])
         lines = ["| sample | original caption | retrieved concepts | synthetic caption | similarity to the image "
                  "(original / synthetic) |", "|---|---|---|---|---|"]
@@ -368,6 +366,14 @@ class Completer:
         self.captions.load_shards(saved)
         self.generated = int(state["generated"])
         self.kept = int(state.get("kept", self.generated))  # before the caption filter, every caption was kept
+
+
+def _closest(tokens: torch.Tensor, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidate closest to its image: (m, L) tokens and their (m,) similarity, from (m * k, L)
+    candidates (each row's k side by side) and the (m, 1 + k) similarity of `Completer.similarity`."""
+    m = similarity.shape[0]
+    best = similarity[:, 1:].argmax(dim=1)
+    return tokens.view(m, -1, tokens.shape[1])[torch.arange(m, device=tokens.device), best], similarity[:, 1:].amax(1)
 
 
 def generation_seed(seed: int, step: int, rank: int) -> int:
